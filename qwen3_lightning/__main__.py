@@ -1,0 +1,4 @@
+from qwen3_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Callbacks: text samples during training, and the throughput monitor wired for this module's batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Computed token positions (padding included), what the hardware spends time on."""
+    return batch["input_ids"].numel()
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s, and MFU
+    where the device's peak is known (GPUs), from the module's ``flops_per_batch``."""
+
+    def __init__(self, window_size: int = 50) -> None:
+        super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+
+
+class TextSampler(L.Callback):
+    """Writes a few generations from fixed prompts at each validation (or every ``every_n_steps``), to the
+    console, to ``samples.jsonl`` beside the metrics, and to TensorBoard when it is a logger. Rank 0 only.
+
+    Args:
+        prompts: texts to continue; an empty string starts from ``<bos>``.
+        max_new_tokens: length of each sample.
+        temperature: sampling temperature; 0 is greedy.
+        top_k: sample among the k most likely tokens only.
+        every_n_steps: sample every this many optimizer steps instead of at each validation.
+        seed: seed of the sampling, so samples at different steps are comparable.
+    """
+
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
+                 top_k: int | None = 50, every_n_steps: int | None = None, seed: int = 0) -> None:
+        self.prompts = prompts if prompts is not None else [""]
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.every_n_steps, self.seed = every_n_steps, seed
+        self._last_step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_steps is None and not trainer.sanity_checking:
+            self.sample(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        from qwen3_lightning.generation import generate_text
+
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        records = []
+        for prompt in self.prompts:
+            room = pl_module.model.config.max_position_embeddings - len(prompt) - 1
+            text = generate_text(pl_module.model, tokenizer, prompt, min(self.max_new_tokens, room), self.temperature,
+                                 self.top_k, generator=generator)
+            records.append({"step": trainer.global_step, "prompt": prompt, "text": text})
+            log.info("sample at step %d: %s", trainer.global_step, prompt + text)
+            print(f"[step {trainer.global_step}] {prompt}{text}")
+        if trainer.log_dir:
+            with (Path(trainer.log_dir) / "samples.jsonl").open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                body = "\n\n".join(f"**{r['prompt']}**{r['text']}" for r in records)
+                experiment.add_text("samples", body, global_step=trainer.global_step)

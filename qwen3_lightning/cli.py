@@ -1,0 +1,147 @@
+"""Command line: LightningCLI for fit/validate/test/predict, plus ``generate`` and ``export``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from qwen3_lightning.callbacks import TextSampler, TokenThroughput
+from qwen3_lightning.data import TextDataModule
+from qwen3_lightning.module import Qwen3LightningModule
+
+
+def default_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def default_loggers(root: str) -> list[Logger]:
+    """A CSV logger (``<root>/logs/version_N/metrics.csv``) and, when installed, TensorBoard in the same folder."""
+    csv = CSVLogger(root, name="logs")
+    loggers: list[Logger] = [csv]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(root, name="logs", version=csv.version, sub_dir="tensorboard"))
+    return loggers
+
+
+class Qwen3CLI(LightningCLI):
+    """``python -m qwen3_lightning fit --config configs/tiny.yaml``; every option can be overridden by a flag."""
+
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            Qwen3LightningModule,
+            TextDataModule,
+            trainer_defaults={
+                "precision": default_precision(),
+                "gradient_clip_val": 1.0,
+                "log_every_n_steps": 10,
+                "default_root_dir": "runs",
+                "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
+            },
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val_loss", "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
+                             "checkpoint.save_last": True, "checkpoint.filename": "best"})
+        parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
+        parser.set_defaults({"periodic_checkpoint.save_top_k": -1, "periodic_checkpoint.every_n_epochs": 5,
+                             "periodic_checkpoint.filename": "epoch{epoch}-step{step}",
+                             "periodic_checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(TextSampler, "sampler")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or "runs"
+        # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
+        for key in ("checkpoint", "periodic_checkpoint"):
+            if config[key].dirpath is None:
+                config[key].dirpath = str(Path(root) / "checkpoints")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+        return super().instantiate_trainer(**kwargs)
+
+
+def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = None, num_samples: int = 1, seed: int | None = None,
+             device: str = "auto") -> list[str]:
+    """Writes text from a training checkpoint, printing it as it is produced.
+
+    Args:
+        ckpt_path: a .ckpt file of a training run (its vocabulary is inside).
+        prompt: the text to continue; empty starts from <bos>.
+        max_new_tokens: tokens to generate per sample.
+        temperature: sampling temperature; 0 is greedy.
+        top_k: sample among the k most likely tokens only.
+        top_p: sample within the smallest set of tokens holding this much probability.
+        num_samples: how many continuations to write.
+        seed: seed for reproducible sampling.
+        device: cpu, cuda, or auto (cuda when available).
+    """
+    from qwen3_lightning.generation import check_sampling_args, generate_text
+    from qwen3_lightning.interop import load_checkpoint
+
+    check_sampling_args(temperature, top_k, top_p)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_checkpoint(ckpt_path)
+    model.to(device).eval()
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    texts = []
+    for i in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(prompt)
+        texts.append(generate_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
+                                   generator, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush())))
+        sys.stdout.write("\n")
+    return texts
+
+
+def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
+    """Writes a training checkpoint as a transformers model directory (config.json, model.safetensors,
+    generation_config.json, tokenizer.json and vocab.json).
+
+    Args:
+        ckpt_path: a .ckpt file of a training run.
+        out_dir: the directory to write.
+        dtype: float32, bfloat16 or float16; default: the checkpoint's.
+    """
+    from qwen3_lightning.interop import export_pretrained, load_checkpoint
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(dtypes)}.")
+    model, tokenizer = load_checkpoint(ckpt_path)
+    out = export_pretrained(model, out_dir, tokenizer, dtypes.get(dtype))
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] in ("generate", "export"):
+        from jsonargparse import CLI
+
+        try:
+            CLI({"generate": generate, "export": export}, args=args)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"error: {err}")
+    else:
+        Qwen3CLI(args=args)

@@ -1,0 +1,339 @@
+"""Reading raw text, and the LightningDataModule that owns the tokenizer and the padded batching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from qwen3_lightning.tokenizer import CharTokenizer
+
+log = logging.getLogger(__name__)
+
+SAMPLE_CORPUS = Path(__file__).parent / "corpora" / "tang300.txt"
+"""The bundled sample: the 300 Tang poems (public domain), one poem per paragraph."""
+TEXT_SUFFIXES = (".txt", ".jsonl")
+IGNORE_INDEX = -100
+"""Label of positions that the loss skips (padding); the default ``ignore_index`` of ``nn.CrossEntropyLoss``."""
+
+
+def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The .txt and .jsonl files named by ``paths``; a directory is searched recursively, in sorted order."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"directory {p} holds no {' or '.join(TEXT_SUFFIXES)} files.")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"data path {p} does not exist (working directory: {Path.cwd()}). "
+                                    "Pass an existing .txt/.jsonl file or a directory of them.")
+    return files
+
+
+def read_text(file: Path) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text: byte {err.start} is {raw[err.start:err.start + 1]!r}. "
+                         "Convert it, e.g. `iconv -f GB18030 -t UTF-8 in.txt > out.txt`.") from None
+
+
+def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
+    """Documents of one file: paragraphs of a .txt (split at ``separator``), or the ``text`` field of each
+    line of a .jsonl. Whitespace around a document is dropped, and so are empty documents."""
+    text = read_text(file).replace("\r\n", "\n")
+    if file.suffix != ".jsonl":
+        return [doc.strip() for doc in text.split(separator) if doc.strip()] if separator else [text.strip()]
+    docs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}, line {n}: not valid JSON ({err.msg}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{file}, line {n}: each line must be an object with a string field 'text'.")
+        if record["text"].strip():
+            docs.append(record["text"].strip())
+    return docs
+
+
+def load_corpus(paths: str | Path | Sequence[str | Path], separator: str = "\n\n") -> list[str]:
+    files = find_text_files(paths)
+    docs = [doc for f in files for doc in read_documents(f, separator)]
+    if not docs:
+        raise ValueError(f"no text found in {', '.join(map(str, files))}: the files are empty or only whitespace.")
+    return docs
+
+
+class EncodedCorpus:
+    """Documents as one flat array of token ids (``<bos>`` text ``<eos>`` each) plus their start offsets.
+
+    A flat uint16 array takes 2 bytes a character where a Python list of ints takes about 36, and it can
+    be a memory map of a file cached on disk.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray) -> None:
+        self.tokens, self.offsets = tokens, offsets
+
+    @classmethod
+    def encode(cls, docs: Sequence[str], tokenizer: CharTokenizer) -> EncodedCorpus:
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+        arrays = [np.asarray(tokenizer.encode(d, add_special_tokens=True), dtype=dtype) for d in docs]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        return cls(np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype), offsets)
+
+    @classmethod
+    def cached(cls, docs: Sequence[str], tokenizer: CharTokenizer, cache_dir: Path) -> EncodedCorpus:
+        """Encodes once, then memory-maps the result keyed by the text and the vocabulary."""
+        key = hashlib.sha256(json.dumps(tokenizer.id_to_token, ensure_ascii=False).encode())
+        for doc in docs:
+            key.update(doc.encode())
+            key.update(b"\0")
+        stem = cache_dir / f"corpus-{key.hexdigest()[:16]}"
+        tokens_file, offsets_file = stem.with_suffix(".tokens.npy"), stem.with_suffix(".offsets.npy")
+        if not (tokens_file.exists() and offsets_file.exists()):
+            corpus = cls.encode(docs, tokenizer)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for file, array in ((tokens_file, corpus.tokens), (offsets_file, corpus.offsets)):
+                tmp = file.with_suffix(".tmp.npy")  # write then rename, so a crash leaves no half file
+                np.save(tmp, array)
+                tmp.replace(file)
+        return cls(np.load(tokens_file, mmap_mode="r"), np.load(offsets_file))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+class TextDataset(Dataset):
+    """Training examples: each item is ``(input, target)`` with ``input = tokens[:-1]``, ``target = tokens[1:]``.
+
+    A document longer than ``max_length`` is cut into consecutive windows that overlap by one token, so
+    every token is a target exactly once and nothing is dropped. With ``packing``, all documents are joined
+    into one stream and cut into full windows, which leaves no padding but the last window's.
+    """
+
+    def __init__(self, texts: Sequence[str] | EncodedCorpus, tokenizer: CharTokenizer | None = None,
+                 max_length: int = 256, packing: bool = False) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} is too short: a training example needs at least 2 "
+                             "tokens (an input and its next-token target).")
+        if not isinstance(texts, EncodedCorpus):
+            if tokenizer is None:
+                raise ValueError("TextDataset needs a tokenizer to encode raw texts.")
+            texts = EncodedCorpus.encode(texts, tokenizer)
+        self.corpus, self.max_length = texts, max_length
+        spans = [(0, len(texts.tokens))] if packing else zip(texts.offsets[:-1].tolist(), texts.offsets[1:].tolist())
+        # windows of max_length + 1 tokens, each starting where the previous one's last target was
+        self.windows = np.array([(s, min(s + max_length + 1, end)) for start, end in spans
+                                 for s in range(start, max(end - 1, start + 1), max_length)], dtype=np.int64)
+        self.windows = self.windows[self.windows[:, 1] - self.windows[:, 0] >= 2] if len(self.windows) else self.windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def lengths(self) -> np.ndarray:
+        return self.windows[:, 1] - self.windows[:, 0] - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.windows[index]
+        tokens = torch.from_numpy(self.corpus.tokens[start:end].astype(np.int64))
+        return tokens[:-1], tokens[1:]
+
+
+def collate(examples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pads a batch to its own longest example: padding gets ``pad_token_id`` in ``input_ids``,
+    0 in ``attention_mask`` and ``IGNORE_INDEX`` in ``labels``, so it never counts in the loss."""
+    width = max(len(x) for x, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        input_ids[i, : len(x)], labels[i, : len(y)], attention_mask[i, : len(x)] = x, y, 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class LengthBuckets(Dataset):
+    """Whole batches of examples of similar length (one item = one batch), to cut padding.
+
+    Examples are shuffled with ``seed``, sorted by length within chunks of 64 batches, and cut into
+    batches; the DataLoader (or a distributed sampler) then shuffles the order of the batches.
+    """
+
+    def __init__(self, dataset: TextDataset, batch_size: int, seed: int, chunk: int = 64) -> None:
+        self.dataset = dataset
+        order = list(range(len(dataset)))
+        random.Random(seed).shuffle(order)
+        lengths = dataset.lengths()
+        self.batches: list[list[int]] = []
+        for c in range(0, len(order), batch_size * chunk):
+            part = sorted(order[c : c + batch_size * chunk], key=lambda i: lengths[i])
+            self.batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return collate([self.dataset[i] for i in self.batches[index]])
+
+
+class TextDataModule(L.LightningDataModule):
+    """Reads raw text, builds the character vocabulary from the training split, and serves padded batches.
+
+    The vocabulary is ready right after construction (``vocab_size``, ``tokenizer``), so LightningCLI can pass
+    its size to the model, and it is saved in every checkpoint through ``state_dict``.
+
+    Args:
+        train_path: a .txt file, a .jsonl file with a ``text`` field per line, a directory searched
+            recursively for both, or a list of them. With neither this nor ``texts``: the bundled Tang poems.
+        texts: training documents given directly, for use from Python.
+        val_path: validation data in the same forms; when None, ``val_split`` of the documents is held out.
+        val_split: fraction of the training documents held out for validation (seeded); 0 for none.
+        max_length: tokens per training example; longer documents are cut into consecutive windows.
+        batch_size: examples per batch on each device.
+        num_workers: DataLoader worker processes.
+        vocab_size: the most vocabulary entries, the 4 special tokens included; None keeps every character.
+        min_freq: characters seen fewer times in the training split become ``<unk>``.
+        seed: seed of the validation split and of the length buckets.
+        separator: what separates documents in a .txt file (default: a blank line).
+        bucket_by_length: batch examples of similar length together, to cut padding.
+        packing: join documents with ``<eos>`` into full windows: no padding at all.
+        cache_dir: keep the encoded corpus there as NumPy files, memory-mapped on later runs.
+        tokenizer_path: use this saved vocabulary (a ``tokenizer.json`` of an earlier run) instead of building
+            one from the training split; characters it lacks become ``<unk>``.
+    """
+
+    def __init__(
+        self,
+        train_path: str | list[str] | None = None,
+        texts: list[str] | None = None,
+        val_path: str | list[str] | None = None,
+        val_split: float = 0.05,
+        max_length: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        vocab_size: int | None = None,
+        min_freq: int = 1,
+        seed: int = 42,
+        separator: str = "\n\n",
+        bucket_by_length: bool = False,
+        packing: bool = False,
+        cache_dir: str | None = None,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"data.max_length={max_length} is too short: an example needs an input and a "
+                             "target token. Use at least 2 (typically 128-1024).")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be at least 1.")
+        if not 0 <= val_split < 1:
+            raise ValueError(f"data.val_split={val_split} must be in [0, 1).")
+        if bucket_by_length and packing:
+            raise ValueError("choose bucket_by_length or packing, not both: packed windows are all full length.")
+        # vocab_size is left out: the module records the real size, and the tokenizer state records this cap
+        self.save_hyperparameters(ignore=["texts", "vocab_size"])
+        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
+        self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+        if texts is not None and train_path is not None:
+            raise ValueError("give train_path or texts, not both.")
+        if texts is not None:
+            train_docs = [t for t in texts if t.strip()]
+            if not train_docs:
+                raise ValueError("texts holds no non-empty document.")
+        else:
+            if train_path is None:
+                log.info("no data.train_path given: training on the bundled sample corpus %s", SAMPLE_CORPUS)
+            train_docs = load_corpus(train_path or SAMPLE_CORPUS, separator)
+        if val_path is not None:
+            val_docs = load_corpus(val_path, separator)
+        elif val_split > 0:
+            order = list(range(len(train_docs)))
+            random.Random(seed).shuffle(order)
+            n_val = round(len(train_docs) * val_split)
+            if n_val == 0 or n_val == len(train_docs):
+                raise ValueError(
+                    f"data.val_split={val_split} of {len(train_docs)} document(s) leaves "
+                    f"{'no validation' if n_val == 0 else 'no training'} document. Raise or lower val_split, "
+                    "give data.val_path, or set val_split to 0 to train without validation."
+                )
+            held_out = set(order[:n_val])
+            val_docs = [d for i, d in enumerate(train_docs) if i in held_out]
+            train_docs = [d for i, d in enumerate(train_docs) if i not in held_out]
+        else:
+            val_docs = []
+        self._train_docs, self._val_docs = train_docs, val_docs
+        if tokenizer_path is not None:
+            self.tokenizer = CharTokenizer.load(tokenizer_path)
+        else:
+            self.tokenizer = CharTokenizer(vocab_size, min_freq).build_vocab(train_docs)
+        self._encode()
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the vocabulary built from the training data (what the model's embedding needs)."""
+        return self.tokenizer.vocab_size
+
+    def _encode(self) -> None:
+        def dataset(docs: list[str]) -> TextDataset:
+            if self.cache_dir is not None:
+                corpus = EncodedCorpus.cached(docs, self.tokenizer, self.cache_dir)
+            else:
+                corpus = EncodedCorpus.encode(docs, self.tokenizer)
+            return TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+
+        self.train_dataset = dataset(self._train_docs)
+        self.val_dataset = dataset(self._val_docs) if self._val_docs else None
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(Path(trainer.log_dir) / "tokenizer.json")
+
+    def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
+        common: dict[str, Any] = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                      pin_memory=torch.cuda.is_available())
+        if self.bucket_by_length:
+            return DataLoader(LengthBuckets(dataset, self.batch_size, self.seed), batch_size=None,
+                              shuffle=shuffle, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
+        if saved != self.tokenizer:
+            raise ValueError(
+                f"the checkpoint's vocabulary ({saved.vocab_size} tokens) differs from the one built from this "
+                f"data ({self.vocab_size} tokens): resuming would renumber characters. Resume with the data the "
+                "run started with, or pass --data.tokenizer_path with the run's tokenizer.json (next to its "
+                "metrics.csv) to encode this data with the checkpoint's vocabulary."
+            )

@@ -1,0 +1,281 @@
+"""The Qwen3 decoder as a plain ``nn.Module``.
+
+Parameter names are those of transformers' ``Qwen3ForCausalLM``, so its ``state_dict`` loads here and back
+with ``load_state_dict`` and no mapping table. Nothing in this file imports Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qwen3_lightning.config import Qwen3Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as Qwen3 does)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of the rotary position embedding, half-split layout (channels i and i + d/2 pair up)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponent)
+
+    def reset_parameters(self) -> None:
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+            angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` (B, nh, T, hd) by the angles in ``cos``/``sin`` (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, allocated once for ``max_length`` positions.
+
+    ``length`` is how many positions are filled; a forward pass with the cache appends its tokens.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: Qwen3Config, batch_size: int, max_length: int,
+                 device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        n = config.num_decoder_layer
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        # Qwen3's QK-norm: RMSNorm over each head's channels, before the rotary embedding.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.keys[self.layer_idx][:, :, start:end] = k
+            cache.values[self.layer_idx][:, :, start:end] = v
+            k, v = cache.keys[self.layer_idx][:, :, :end], cache.values[self.layer_idx][:, :, :end]
+        is_causal = mask is None and T > 1 and (cache is None or cache.length == 0)
+        if mask is None and not is_causal and T > 1:
+            raise ValueError("a multi-token step after a filled cache needs an explicit mask")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen3MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder layers and final norm: transformers' ``Qwen3Model`` (the ``model.`` prefix)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_decoder_layer))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+class Qwen3Transformer(nn.Module):
+    """Qwen3 causal language model; numerically the same as transformers' ``Qwen3ForCausalLM``."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        """Recompute each decoder layer in the backward pass: less activation memory, about a third more compute."""
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' initialization: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0, left or right; with a cache it
+        covers the cached positions too (S = cache.length + T). ``position_ids`` default to 0, 1, ... counted
+        from the cache's length, as transformers does.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_length:
+            raise ValueError(f"the cache holds {cache.max_length} positions; {past} are used and {T} more were given")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = self._attention_mask(attention_mask, past, T, input_ids.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.model.norm(x))
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int,
+                        device: torch.device) -> torch.Tensor | None:
+        """A boolean (B, 1, T, S) mask, True where a query may attend; None when plain causal attention will do."""
+        S = past + T
+        if attention_mask is None:
+            if past == 0 or T == 1:
+                return None  # is_causal, or one new token that sees the whole cache
+            key_padding = torch.ones(1, S, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape[-1] != S:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S} "
+                                 f"({past} cached + {T} new)")
+            key_padding = attention_mask.bool()
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None] & key_padding[:, None, None, :]
+        # A padding query that may see nothing would give NaN (softmax over no keys), and the NaN would leak
+        # through later layers' values; letting every query see itself keeps padded rows finite.
+        return mask | (k_pos == q_pos)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 stream: bool = False):
+        """Continues each prompt by up to ``max_new_tokens`` tokens, with a key/value cache.
+
+        ``temperature=0`` is greedy. Prompts of different lengths are left-padded with ``attention_mask``
+        marking the real tokens. Returns (B, prompt + new) ids; rows that met ``eos_token_id`` are padded with it.
+        With ``stream=True`` it returns an iterator of the new tokens (B,) one step at a time instead.
+        """
+        from qwen3_lightning.generation import decode_loop
+
+        steps = decode_loop(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                            attention_mask, generator)
+        if stream:
+            return steps
+        new = list(steps)
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids.clone()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> Qwen3Transformer:
+        """Loads a transformers Qwen3 directory (config.json + safetensors), such as one written by ``export``."""
+        from qwen3_lightning.interop import load_pretrained
+
+        return load_pretrained(cls, Path(path), dtype)
+
+
+def flops_per_token(config: Qwen3Config, seq_len: int, num_params: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter plus 12 * layers * heads * head_dim * seq_len for
+    the attention scores and their use (PaLM, Chowdhery et al. 2022, appendix B). The input embedding is a
+    lookup, not a matmul: it counts only as the lm_head it is tied to."""
+    embedding = config.vocab_size * config.hidden_size
+    matmul_params = num_params - embedding * (0 if config.tie_word_embeddings else 1)
+    attention = 12 * config.num_decoder_layer * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params + attention
+

@@ -1,0 +1,174 @@
+"""The LightningModule: a Qwen3Transformer plus its loss, AdamW and the warmup-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.data import IGNORE_INDEX
+from qwen3_lightning.model import Qwen3Transformer, flops_per_token
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then a half cosine down to
+    ``min_ratio`` at ``total_steps``, and ``min_ratio`` after that."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Qwen3LightningModule(L.LightningModule):
+    """Trains a ``Qwen3Transformer`` on next-token prediction.
+
+    Args:
+        preset: the model shape to start from (``Qwen3Config.from_preset``): tiny, small, medium, large,
+            qwen3-0.6b, qwen3-1.7b.
+        overrides: ``Qwen3Config`` fields that replace the preset's, e.g. ``{num_decoder_layer: 8}``.
+        vocab_size: size of the vocabulary; the CLI takes it from the DataModule.
+        learning_rate: peak learning rate, reached at the end of warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: optimizer steps of linear warmup; a float below 1 is a fraction of all steps.
+        weight_decay: AdamW weight decay of the matrices (norms, biases and embeddings get none).
+        betas: AdamW's betas.
+        eps: AdamW's epsilon.
+        fused: AdamW's fused kernel; None uses it where the device supports it.
+        criterion: the loss, called as ``criterion(logits (N, vocab), labels (N,))`` with padding labelled
+            -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        compile: compile the model with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        vocab_size: int = 1000,
+        learning_rate: float = 3e-4,
+        min_lr: float = 3e-5,
+        warmup_steps: int | float = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        fused: bool | None = None,
+        criterion: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        # the config is checked here, at construction, so a bad value fails before any data or weights load
+        self.config = Qwen3Config.from_preset(preset, **{**(overrides or {}), "vocab_size": vocab_size})
+        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
+            raise ValueError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
+                             f"{learning_rate}, min_lr={min_lr}.")
+        if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
+            raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
+        self.save_hyperparameters(ignore=["criterion"])
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.model: Qwen3Transformer | None = None
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.tokens_seen = 0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = Qwen3Transformer(self.config)
+        self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
+        if self.hparams.compile:
+            for layer in self.model.model.layers:
+                layer.compile()
+
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Training FLOPs of the last batch, read by Lightning's ``ThroughputMonitor``."""
+        shape = getattr(self, "_last_batch_shape", None)
+        if shape is None or self.model is None:
+            return None
+        return flops_per_token(self.config, shape[1], self.model.num_parameters()) * shape[0] * shape[1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the causal kernel alone is faster
+        logits = self(batch["input_ids"], mask)
+        loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())
+        return loss, (batch["labels"] != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, n_tokens = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); stopping "
+                "before a broken model is saved. Lower model.learning_rate (now "
+                f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16 rather than 16-mixed, and "
+                "check the data. Resume from the last good checkpoint with --ckpt_path."
+            )
+        self._last_batch_shape = tuple(batch["input_ids"].shape)
+        self.tokens_seen += int(n_tokens) * self.trainer.world_size
+        self.log("train_loss", loss, on_step=True, prog_bar=True)
+        self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric, stage: str) -> None:
+        loss, n_tokens = self._loss(batch)
+        metric.update(loss, weight=n_tokens)  # token-weighted, reduced over ranks by torchmetrics
+        self.log(f"{stage}_loss", metric, prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_ppl", torch.exp(self.val_loss.compute()))
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test_ppl", torch.exp(self.test_loss.compute()))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+        fused = hp.fused
+        if fused is None:
+            fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not self._is_sharded()
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
+        warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
+        min_ratio = hp.min_lr / hp.learning_rate
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, int(total), min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _is_sharded(self) -> bool:
+        return self._trainer is not None and type(self.trainer.strategy).__name__.startswith(("FSDP", "ModelParallel"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        saved = checkpoint.get("state_dict", {}).get("model.model.embed_tokens.weight")
+        if saved is not None and saved.shape[0] != self.config.vocab_size:
+            raise ValueError(
+                f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, but this run's data gives "
+                f"{self.config.vocab_size}: resuming would renumber characters. Resume with the data the run "
+                "started with, or pass --data.tokenizer_path with that run's tokenizer.json."
+            )
