@@ -1,21 +1,25 @@
 """Train small Qwen3-architecture language models on your own text with PyTorch Lightning."""
 
-from qwen3_lightning.config import PRESETS, Qwen3Config
-from qwen3_lightning.model import KVCache, Qwen3Transformer
-from qwen3_lightning.tokenizer import CharTokenizer, SimpleTokenizer
+from importlib import import_module
+from typing import Any
 
-__all__ = ["PRESETS", "CharTokenizer", "KVCache", "Qwen3Config", "Qwen3Transformer", "SimpleTokenizer",
-           "Qwen3LightningModule", "TextDataModule", "TextDataset"]
+# Names load on first use: `qwen3_lightning.config` stays free of torch, and the model imports without Lightning.
+_EXPORTS = {
+    "PRESETS": "config",
+    "Qwen3Config": "config",
+    "CharTokenizer": "tokenizer",
+    "SimpleTokenizer": "tokenizer",
+    "KVCache": "model",
+    "Qwen3Transformer": "model",
+    "TextDataModule": "data",
+    "TextDataset": "data",
+    "Qwen3LightningModule": "module",
+    "TextSampler": "callbacks",
+}
+__all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # the Lightning parts load on first use, so that the model alone imports quickly
-    if name == "Qwen3LightningModule":
-        from qwen3_lightning.module import Qwen3LightningModule
-
-        return Qwen3LightningModule
-    if name in ("TextDataModule", "TextDataset"):
-        from qwen3_lightning import data
-
-        return getattr(data, name)
-    raise AttributeError(f"module 'qwen3_lightning' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qwen3_lightning' has no attribute {name!r}")
+    return getattr(import_module(f"qwen3_lightning.{_EXPORTS[name]}"), name)

@@ -1,0 +1,28 @@
+"""Shared fixtures: small, self-contained Chinese corpora (nothing is downloaded or read from ../shared)."""
+
+from pathlib import Path
+
+import pytest
+
+ZH_DOCS = [
+    "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
+    "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。",
+    "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。",
+    "千山鸟飞绝，万径人踪灭。\n孤舟蓑笠翁，独钓寒江雪。",
+    "红豆生南国，春来发几枝？\n愿君多采撷，此物最相思！",
+    "「你好！」他说。今天天气很好。",
+]
+
+
+@pytest.fixture
+def zh_docs() -> list[str]:
+    """A few distinct short Chinese documents (newlines inside, full-width punctuation)."""
+    return list(ZH_DOCS)
+
+
+@pytest.fixture
+def zh_corpus_file(tmp_path: Path, zh_docs: list[str]) -> Path:
+    """``zh_docs`` written to a UTF-8 .txt file, one document per blank-line-separated paragraph."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(zh_docs) + "\n", encoding="utf-8")
+    return path

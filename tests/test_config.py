@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+
+from qwen3_lightning.config import PRESETS, Qwen3Config
+
+# Target sizes at vocab_size 1000 (the foundation issue); the published shapes are checked field by field.
+TARGET_PARAMS = {"tiny": 1.5e6, "small": 6e6, "medium": 24e6, "large": 96e6}
+
+
+@pytest.mark.parametrize("name", list(TARGET_PARAMS))
+def test_preset_parameter_counts(name):
+    torch = pytest.importorskip("torch")
+    from qwen3_lightning.model import Qwen3Transformer
+
+    with torch.device("meta"):
+        n = Qwen3Transformer(Qwen3Config.from_preset(name, vocab_size=1000)).num_parameters()
+    assert abs(n - TARGET_PARAMS[name]) / TARGET_PARAMS[name] <= 0.25, n
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "inter"), [("qwen3-0.6b", 1024, 3072), ("qwen3-1.7b", 2048, 6144)]
+)
+def test_published_shapes(name, hidden, inter):
+    c = Qwen3Config.from_preset(name, vocab_size=5000)
+    assert (c.hidden_size, c.intermediate_size, c.num_decoder_layer) == (hidden, inter, 28)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (16, 8, 128)
+    assert c.tie_word_embeddings and c.rope_theta == 1e6 and c.vocab_size == 5000
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ValueError, match="unknown preset 'huge'") as err:
+        Qwen3Config.from_preset("huge")
+    for name in PRESETS:
+        assert name in str(err.value)
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ValueError, match="num_layers"):
+        Qwen3Config.from_preset("tiny", num_layers=3)
+
+
+def test_overrides_replace_preset_fields():
+    c = Qwen3Config.from_preset("small", num_decoder_layer=3, attention_bias=True)
+    assert c.num_decoder_layer == 3 and c.attention_bias and c.hidden_size == PRESETS["small"]["hidden_size"]
+
+
+def test_num_key_value_groups_is_derived():
+    assert Qwen3Config(num_attention_heads=8, num_key_value_heads=2).num_key_value_groups == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_attention_heads": 6, "num_key_value_heads": 4}, "num_attention_heads=6 is not divisible by num_key_value_heads=4"),
+        ({"head_dim": 31}, "head_dim=31 must be even"),
+        ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size=-5"),
+        ({"num_decoder_layer": 2.5}, "num_decoder_layer=2.5"),
+        ({"rope_theta": 0.0}, "rope_theta=0.0 must be positive"),
+        ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+        ({"initializer_range": 0}, "initializer_range"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings=0"),
+    ],
+)
+def test_impossible_values_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Qwen3Config(**fields)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_hf_config_round_trip(name):
+    c = Qwen3Config.from_preset(name, vocab_size=777, attention_bias=True, rope_theta=5e5)
+    d = json.loads(json.dumps(c.to_hf_config()))
+    assert Qwen3Config.from_hf_config(d) == c
+
+
+def test_hf_config_reads_rope_theta_from_either_place():
+    d = Qwen3Config.from_preset("tiny").to_hf_config()
+    old = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rope_theta": 12345.0}
+    new = {k: v for k, v in d.items() if k != "rope_theta"} | {"rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}
+    assert Qwen3Config.from_hf_config(old).rope_theta == 12345.0
+    assert Qwen3Config.from_hf_config(new).rope_theta == 777.0
+
+
+def test_hf_config_is_accepted_by_transformers():
+    transformers = pytest.importorskip("transformers")
+    c = Qwen3Config.from_preset("small", vocab_size=321, rope_theta=2e5)
+    hf = transformers.Qwen3Config(**c.to_hf_config())
+    assert (hf.num_hidden_layers, hf.head_dim, hf.vocab_size) == (c.num_decoder_layer, c.head_dim, 321)
+    theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
+    assert math.isclose(theta, 2e5)
+    assert Qwen3Config.from_hf_config(hf.to_dict()) == c
+
+
+def test_other_model_types_are_refused():
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        Qwen3Config.from_hf_config({"model_type": "llama"})
+
+
+def test_config_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, qwen3_lightning.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

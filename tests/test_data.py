@@ -1,0 +1,618 @@
+"""Reading text, windowing into examples, padding, length buckets, and the TextDataModule."""
+
+import json
+import math
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from qwen3_lightning import data as data_mod
+from qwen3_lightning.data import (
+    IGNORE_INDEX,
+    SAMPLE_CORPUS,
+    EncodedCorpus,
+    LengthBuckets,
+    TextDataModule,
+    TextDataset,
+    collate,
+    find_text_files,
+    load_corpus,
+    read_documents,
+)
+from qwen3_lightning.tokenizer import CharTokenizer
+
+PROPERTY = settings(max_examples=60, deadline=None)
+ZH_ALPHABET = "春眠不觉晓处闻啼鸟夜来风雨声花落知多少，。！？「」\n "
+
+
+def tokens_of(doc: str, tok: CharTokenizer) -> list[int]:
+    return tok.encode(doc, add_special_tokens=True)
+
+
+def items(dataset) -> list[tuple[list[int], list[int]]]:
+    return [(x.tolist(), y.tolist()) for x, y in (dataset[i] for i in range(len(dataset)))]
+
+
+def docs_in(dataset: TextDataset, tok: CharTokenizer) -> list[str]:
+    """The documents of a dataset whose max_length holds each document in one window."""
+    out = []
+    for x, y in items(dataset):
+        assert x[0] == tok.bos_token_id and y[-1] == tok.eos_token_id, "a document was cut into windows"
+        out.append(tok.decode(x, skip_special_tokens=False)[len(tok.bos_token) :])
+    return out
+
+
+def padding_fraction(batches) -> float:
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return 1 - real / total
+
+
+def many_docs(n: int, seed: int = 0) -> list[str]:
+    """n distinct documents of mixed lengths; document i holds one character no other document holds."""
+    rnd = random.Random(seed)
+    common = "天地玄黄宇宙洪荒日月盈昃辰宿列张，。"
+    return [chr(0x4E00 + 500 + i) + "".join(rnd.choices(common, k=rnd.randint(1, 60))) for i in range(n)]
+
+
+# ---------------------------------------------------------------- find_text_files
+
+
+def test_find_text_files_single_file(zh_corpus_file):
+    assert find_text_files(zh_corpus_file) == [zh_corpus_file]
+    assert find_text_files(str(zh_corpus_file)) == [zh_corpus_file]
+
+
+def test_find_text_files_directory_is_recursive_sorted_and_filtered(tmp_path):
+    root = tmp_path / "data"
+    for rel in ["b.txt", "a.jsonl", "sub/deeper/c.txt", "sub/a.txt", "notes.md", "table.csv", "sub/x.json"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("诗", encoding="utf-8")
+    (root / "dir.txt").mkdir()  # a directory with a text suffix is not a file
+    found = find_text_files(root)
+    assert found == [root / "a.jsonl", root / "b.txt", root / "sub" / "a.txt", root / "sub" / "deeper" / "c.txt"]
+    assert found == sorted(found)
+
+
+def test_find_text_files_list_keeps_the_given_order(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "2.txt").write_text("二", encoding="utf-8")
+    (d / "1.txt").write_text("一", encoding="utf-8")
+    single = tmp_path / "z.jsonl"
+    single.write_text('{"text": "零"}\n', encoding="utf-8")
+    assert find_text_files([single, str(d)]) == [single, d / "1.txt", d / "2.txt"]
+
+
+def test_find_text_files_missing_path_is_named(tmp_path):
+    missing = tmp_path / "不存在.txt"
+    with pytest.raises(FileNotFoundError) as err:
+        find_text_files([tmp_path / "..", missing])
+    assert str(missing) in str(err.value)
+
+
+def test_find_text_files_directory_without_text_files(tmp_path):
+    (tmp_path / "readme.md").write_text("x", encoding="utf-8")
+    with pytest.raises(FileNotFoundError) as err:
+        find_text_files(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+# ---------------------------------------------------------------- read_documents
+
+
+def test_txt_is_split_on_blank_lines(zh_corpus_file, zh_docs):
+    assert read_documents(zh_corpus_file) == zh_docs
+
+
+def test_txt_split_drops_surrounding_whitespace_and_empty_documents(tmp_path):
+    path = tmp_path / "poems.txt"
+    path.write_text("\n\n  床前明月光，\n疑是地上霜。  \n\n\n\n举头望明月。\n\n   \n\n", encoding="utf-8")
+    assert read_documents(path) == ["床前明月光，\n疑是地上霜。", "举头望明月。"]
+
+
+def test_txt_crlf_and_bom_read_like_lf(tmp_path, zh_docs):
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(zh_docs).replace("\n", "\r\n").encode("utf-8"))
+    # the first replace made "\r\n\r\n" -> "\r\r\n\r\r\n"; build it properly instead
+    path.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(zh_docs).replace("\n", "\r\n").encode("utf-8"))
+    assert read_documents(path) == zh_docs
+
+
+def test_txt_custom_separator(tmp_path):
+    path = tmp_path / "poems.txt"
+    path.write_text("一\n\n二###三###\n###四", encoding="utf-8")
+    assert read_documents(path, separator="###") == ["一\n\n二", "三", "四"]
+    assert read_documents(path, separator="\n") == ["一", "二###三###", "###四"]
+
+
+def test_jsonl_text_fields(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"text": "床前明月光", "id": 1}, ensure_ascii=False),
+        "",
+        json.dumps({"text": "  疑是\n地上霜  "}),
+        json.dumps({"text": "   "}),
+        json.dumps({"text": "「举头」", "meta": {"x": [1]}}, ensure_ascii=False),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert read_documents(path) == ["床前明月光", "疑是\n地上霜", "「举头」"]
+    # a .jsonl is never split at the separator
+    assert read_documents(path, separator="明") == ["床前明月光", "疑是\n地上霜", "「举头」"]
+
+
+def test_jsonl_text_holding_unicode_line_separators(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: they are legal inside a
+    # JSON string, and they do not end a JSON Lines record (only "\n" does).
+    texts = ["第一行\u2028第二行", "段落\u2029下一段", "NEL\x85字"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert read_documents(path) == texts
+
+
+@PROPERTY
+@given(st.lists(st.text(max_size=20), max_size=6), st.booleans())
+@example(["行\u2028分隔"], False)
+def test_jsonl_round_trip_any_text(texts, ensure_ascii):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "docs.jsonl"
+        body = "".join(json.dumps({"text": t}, ensure_ascii=ensure_ascii) + "\n" for t in texts)
+        path.write_text(body, encoding="utf-8", newline="")
+        assert read_documents(path) == [t.strip() for t in texts if t.strip()]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [("{not json", "JSON"), ('["a list"]', "text"), ('{"txt": "typo"}', "text"), ('{"text": 3}', "text")],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, why):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "好"}\n\n' + bad + '\n{"text": "坏"}\n', encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        read_documents(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "line 3" in msg
+    assert why in msg
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
+    prefix = "你好\n".encode()  # 7 bytes of valid UTF-8
+    path = tmp_path / f"gbk{suffix}"
+    path.write_bytes(prefix + "中文".encode("gbk"))
+    with pytest.raises(ValueError) as err:
+        read_documents(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert f"byte {len(prefix)}" in msg
+    assert repr(path.read_bytes()[len(prefix) : len(prefix) + 1]) in msg
+
+
+def test_non_utf8_offset_counts_the_bom(tmp_path):
+    # the offset must point into the file as it is on disk, where a UTF-8 BOM takes 3 bytes
+    raw = b"\xef\xbb\xbf" + "你好\n".encode() + "中文".encode("gbk")
+    path = tmp_path / "bom_then_gbk.txt"
+    path.write_bytes(raw)
+    offset = len(b"\xef\xbb\xbf" + "你好\n".encode())
+    with pytest.raises(ValueError) as err:
+        read_documents(path)
+    msg = str(err.value)
+    assert f"byte {offset} is {raw[offset : offset + 1]!r}" in msg
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n \t\n"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_empty_file_raises(tmp_path, content, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(content, encoding="utf-8")
+    assert read_documents(path) == []
+    with pytest.raises(ValueError) as err:
+        load_corpus(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError):
+        TextDataModule(train_path=str(path), val_split=0)
+
+
+def test_load_corpus_concatenates_files_in_order(tmp_path, zh_docs):
+    (tmp_path / "a.txt").write_text("\n\n".join(zh_docs[:2]), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in zh_docs[2:]), encoding="utf-8"
+    )
+    assert load_corpus(tmp_path) == zh_docs
+
+
+# ---------------------------------------------------------------- TextDataset
+
+
+@pytest.fixture(scope="module")
+def zh_tok() -> CharTokenizer:
+    return CharTokenizer().build_vocab([ZH_ALPHABET])
+
+
+def test_item_is_input_and_shifted_target(zh_tok):
+    doc = "春眠不觉晓，处处闻啼鸟。"
+    ds = TextDataset([doc], zh_tok, max_length=64)
+    assert len(ds) == 1
+    x, y = ds[0]
+    tokens = tokens_of(doc, zh_tok)
+    assert x.dtype == y.dtype == torch.long
+    assert x.tolist() == tokens[:-1]
+    assert y.tolist() == tokens[1:]
+
+
+def test_exact_fit_is_one_window(zh_tok):
+    doc = "春眠不觉晓"  # 5 chars + bos + eos = 7 tokens -> 6 inputs
+    assert len(TextDataset([doc], zh_tok, max_length=6)) == 1
+    assert len(TextDataset([doc], zh_tok, max_length=5)) == 2
+
+
+def test_long_document_is_cut_into_overlapping_windows(zh_tok):
+    doc = "春眠不觉晓处处闻啼鸟夜来风雨声"  # 17 tokens -> 16 targets -> windows of 5, 5, 5, 1
+    ds = TextDataset([doc], zh_tok, max_length=5)
+    tokens = tokens_of(doc, zh_tok)
+    got = items(ds)
+    assert [len(x) for x, _ in got] == [5, 5, 5, 1]
+    assert got[1][0][0] == got[0][1][-1]  # the next window's first input is the previous window's last target
+    assert [t for _, y in got for t in y] == tokens[1:]
+
+
+@PROPERTY
+@given(st.lists(st.text(alphabet=ZH_ALPHABET + "?", max_size=40), min_size=1, max_size=6), st.integers(2, 12))
+def test_windows_lose_no_token(zh_tok, docs, max_length):
+    ds = TextDataset(docs, zh_tok, max_length=max_length)
+    got = items(ds)
+    assert len(ds) == sum(math.ceil((len(d) + 1) / max_length) for d in docs)
+    per_doc: list[list[int]] = []
+    for x, y in got:
+        assert 1 <= len(x) == len(y) <= max_length
+        assert x[1:] == y[:-1]
+        assert zh_tok.bos_token_id not in y  # no window crosses into the next document
+        if x[0] == zh_tok.bos_token_id:
+            per_doc.append([])
+        else:
+            assert per_doc and per_doc[-1][-1] == x[0]
+        per_doc[-1].extend(y)
+    assert per_doc == [tokens_of(d, zh_tok)[1:] for d in docs]
+
+
+@PROPERTY
+@given(st.lists(st.text(alphabet=ZH_ALPHABET, max_size=40), min_size=1, max_size=6), st.integers(2, 12))
+def test_packing_windows_are_full_and_cover_the_stream(zh_tok, docs, max_length):
+    ds = TextDataset(docs, zh_tok, max_length=max_length, packing=True)
+    stream = [t for d in docs for t in tokens_of(d, zh_tok)]
+    got = items(ds)
+    assert len(ds) == math.ceil((len(stream) - 1) / max_length)
+    assert all(len(x) == max_length for x, _ in got[:-1])
+    assert 1 <= len(got[-1][0]) <= max_length
+    assert got[0][0][0] == zh_tok.bos_token_id
+    for x, y in got:
+        assert x[1:] == y[:-1]
+    assert [t for _, y in got for t in y] == stream[1:]
+    assert np.array_equal(ds.lengths(), [len(x) for x, _ in got])
+
+
+def test_dataset_from_encoded_corpus_matches_raw_texts(zh_tok, zh_docs):
+    tok = CharTokenizer().build_vocab(zh_docs)
+    corpus = EncodedCorpus.encode(zh_docs, tok)
+    assert len(corpus) == len(zh_docs)
+    assert corpus.tokens.tolist() == [t for d in zh_docs for t in tokens_of(d, tok)]
+    assert items(TextDataset(corpus, max_length=7)) == items(TextDataset(zh_docs, tok, max_length=7))
+
+
+@pytest.mark.parametrize("max_length", [-1, 0, 1])
+def test_max_length_below_two_raises(zh_tok, max_length):
+    with pytest.raises(ValueError, match="max_length"):
+        TextDataset(["春"], zh_tok, max_length=max_length)
+    with pytest.raises(ValueError, match="max_length"):
+        TextDataModule(texts=["春眠"], val_split=0, max_length=max_length)
+
+
+def test_raw_texts_need_a_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer"):
+        TextDataset(["春"])
+
+
+# ---------------------------------------------------------------- collate
+
+
+def test_collate_pads_to_the_longest_in_the_batch(zh_tok):
+    docs = ["春", "春眠不觉晓处处", "春眠不"]
+    ds = TextDataset(docs, zh_tok, max_length=100)
+    examples = [ds[i] for i in range(len(ds))]
+    batch = collate(examples)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    width = max(len(x) for x, _ in examples)
+    assert width < 100
+    for key in batch:
+        assert batch[key].shape == (3, width) and batch[key].dtype == torch.long
+    for i, (x, y) in enumerate(examples):
+        n = len(x)
+        assert batch["input_ids"][i, :n].tolist() == x.tolist()
+        assert batch["labels"][i, :n].tolist() == y.tolist()
+        assert batch["attention_mask"][i, :n].eq(1).all()
+        assert batch["input_ids"][i, n:].eq(zh_tok.pad_token_id).all()
+        assert batch["labels"][i, n:].eq(IGNORE_INDEX).all()
+        assert batch["attention_mask"][i, n:].eq(0).all()
+    # labels are the inputs shifted by one wherever both are real tokens
+    real = batch["attention_mask"][:, 1:].bool()
+    assert torch.equal(batch["labels"][:, :-1][real], batch["input_ids"][:, 1:][real])
+    assert IGNORE_INDEX == -100
+
+
+def test_collate_custom_pad_id():
+    examples = [(torch.tensor([5, 6]), torch.tensor([6, 7])), (torch.tensor([5]), torch.tensor([9]))]
+    batch = collate(examples, pad_token_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6], [5, 3]]
+    assert batch["labels"].tolist() == [[6, 7], [9, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+# ---------------------------------------------------------------- LengthBuckets
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset():
+    docs = many_docs(300)
+    tok = CharTokenizer().build_vocab(docs)
+    return TextDataset(docs, tok, max_length=64), tok
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16])
+def test_length_buckets_cover_every_example_once(mixed_dataset, batch_size):
+    ds, _ = mixed_dataset
+    buckets = LengthBuckets(ds, batch_size=batch_size, seed=3, chunk=2)
+    assert len(buckets) == math.ceil(len(ds) / batch_size)
+    seen = Counter()
+    for b in range(len(buckets)):
+        batch = buckets[b]
+        assert 1 <= batch["input_ids"].shape[0] <= batch_size
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            seen[tuple(row[mask.bool()].tolist())] += 1
+    expected = Counter(tuple(x) for x, _ in items(ds))
+    assert seen == expected
+    assert sum(seen.values()) == len(ds)
+
+
+def test_length_buckets_pad_less_than_random_batches(mixed_dataset):
+    ds, _ = mixed_dataset
+    batch_size = 8
+    buckets = LengthBuckets(ds, batch_size=batch_size, seed=0)
+    bucketed = [buckets[b] for b in range(len(buckets))]
+    order = list(range(len(ds)))
+    random.Random(0).shuffle(order)
+    shuffled = [collate([ds[i] for i in order[b : b + batch_size]]) for b in range(0, len(order), batch_size)]
+    assert padding_fraction(bucketed) < padding_fraction(shuffled) / 2
+
+
+def test_length_buckets_are_seeded(mixed_dataset):
+    ds, _ = mixed_dataset
+    a, b = LengthBuckets(ds, 8, seed=5), LengthBuckets(ds, 8, seed=5)
+    assert all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))
+
+
+# ---------------------------------------------------------------- TextDataModule
+
+
+def test_datamodule_from_texts(zh_docs):
+    dm = TextDataModule(texts=[*zh_docs, "   "], val_split=0, max_length=64, batch_size=2)
+    assert dm.vocab_size == len(dm.tokenizer) == len(CharTokenizer().build_vocab(zh_docs))
+    assert sorted(docs_in(dm.train_dataset, dm.tokenizer)) == sorted(zh_docs)
+    assert dm.val_dataset is None
+    assert list(dm.val_dataloader()) == []
+
+
+def test_datamodule_texts_and_train_path_together_raise(zh_corpus_file, zh_docs):
+    with pytest.raises(ValueError, match="not both"):
+        TextDataModule(train_path=str(zh_corpus_file), texts=zh_docs)
+    with pytest.raises(ValueError, match="non-empty"):
+        TextDataModule(texts=["", " \n"])
+
+
+def test_datamodule_from_file_and_directory(tmp_path, zh_corpus_file, zh_docs):
+    from_file = TextDataModule(train_path=str(zh_corpus_file), val_split=0, max_length=64)
+    assert sorted(docs_in(from_file.train_dataset, from_file.tokenizer)) == sorted(zh_docs)
+    sub = tmp_path / "nested" / "deeper"
+    sub.mkdir(parents=True)
+    (sub / "more.jsonl").write_text(json.dumps({"text": "「新」的一行"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    from_dir = TextDataModule(train_path=str(tmp_path), val_split=0, max_length=64)
+    assert sorted(docs_in(from_dir.train_dataset, from_dir.tokenizer)) == sorted([*zh_docs, "「新」的一行"])
+    from_list = TextDataModule(train_path=[str(zh_corpus_file), str(sub)], val_split=0, max_length=64)
+    assert from_list.tokenizer == from_dir.tokenizer
+
+
+def test_val_split_is_held_out_and_seeded():
+    docs = many_docs(40)
+    split = TextDataModule(texts=docs, val_split=0.25, seed=7, max_length=64)
+    again = TextDataModule(texts=docs, val_split=0.25, seed=7, max_length=64)
+    other = TextDataModule(texts=docs, val_split=0.25, seed=8, max_length=64)
+    train, val = docs_in(split.train_dataset, split.tokenizer), docs_in(split.val_dataset, split.tokenizer)
+    assert len(val) == 10 and len(train) == 30
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(docs)
+    assert docs_in(again.val_dataset, again.tokenizer) == val
+    assert sorted(docs_in(other.val_dataset, other.tokenizer)) != sorted(val)
+
+
+def test_val_path_is_used_instead_of_a_split(zh_corpus_file, tmp_path, zh_docs):
+    val_file = tmp_path / "val.txt"
+    val_file.write_text("床前明月光。", encoding="utf-8")
+    dm = TextDataModule(train_path=str(zh_corpus_file), val_path=str(val_file), val_split=0.5, max_length=64)
+    assert sorted(docs_in(dm.train_dataset, dm.tokenizer)) == sorted(zh_docs)
+    assert docs_in(dm.val_dataset, dm.tokenizer) == ["床前明月光。"]
+
+
+@pytest.mark.parametrize(("n_docs", "val_split"), [(5, 0.05), (1, 0.4), (3, 0.9)])
+def test_val_split_leaving_no_document_raises(n_docs, val_split):
+    with pytest.raises(ValueError, match="val_split") as err:
+        TextDataModule(texts=many_docs(n_docs), val_split=val_split)
+    assert "document" in str(err.value)
+
+
+@pytest.mark.parametrize("val_split", [-0.1, 1.0])
+def test_val_split_out_of_range_raises(val_split):
+    with pytest.raises(ValueError, match="val_split"):
+        TextDataModule(texts=many_docs(10), val_split=val_split)
+
+
+def test_vocab_is_built_from_the_training_split_only():
+    docs = many_docs(30)
+    dm = TextDataModule(texts=docs, val_split=0.3, seed=1, max_length=64)
+    val = set(docs_in(dm.val_dataset, dm.tokenizer))
+    assert val
+    for doc in docs:
+        own = doc[0]  # the one character no other document holds
+        assert (own in dm.tokenizer.token_to_id) == (doc not in val)
+    # the held-out documents' own character becomes <unk> in the validation data
+    val_tokens = [t for x, _ in items(dm.val_dataset) for t in x]
+    assert val_tokens.count(dm.tokenizer.unk_token_id) == len(val)
+    assert dm.vocab_size == len(dm.tokenizer) == 4 + len(set("".join(d for d in docs if d not in val)))
+
+
+def test_vocab_size_and_min_freq_reach_the_tokenizer(zh_docs):
+    dm = TextDataModule(texts=zh_docs, val_split=0, vocab_size=12)
+    assert dm.vocab_size == len(dm.tokenizer) == 12
+    dm = TextDataModule(texts=zh_docs, val_split=0, min_freq=3)
+    counts = Counter("".join(zh_docs))
+    assert set(dm.tokenizer.id_to_token[4:]) == {c for c, n in counts.items() if n >= 3}
+
+
+def test_train_dataloader_yields_padded_dict_batches(zh_docs):
+    dm = TextDataModule(texts=zh_docs, val_split=0, max_length=8, batch_size=3)
+    n_tokens = 0
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"input_ids", "labels", "attention_mask"}
+        shapes = {v.shape for v in batch.values()}
+        assert len(shapes) == 1
+        rows, width = shapes.pop()
+        assert 1 <= rows <= 3 and width <= 8
+        assert all(v.dtype == torch.long for v in batch.values())
+        assert batch["attention_mask"][:, 0].eq(1).all()
+        assert torch.equal(batch["labels"].eq(IGNORE_INDEX), batch["attention_mask"].eq(0))
+        n_tokens += int(batch["attention_mask"].sum())
+    assert n_tokens == sum(len(d) + 1 for d in zh_docs)
+
+
+def test_bucket_by_length_dataloader():
+    docs = many_docs(120)
+    plain = TextDataModule(texts=docs, val_split=0.1, max_length=32, batch_size=8)
+    bucketed = TextDataModule(texts=docs, val_split=0.1, max_length=32, batch_size=8, bucket_by_length=True)
+    train = list(bucketed.train_dataloader())
+    assert all(set(b) == {"input_ids", "labels", "attention_mask"} and b["input_ids"].shape[0] <= 8 for b in train)
+    assert sum(int(b["attention_mask"].sum()) for b in train) == int(bucketed.train_dataset.lengths().sum())
+    torch.manual_seed(0)
+    assert padding_fraction(train) < padding_fraction(list(plain.train_dataloader()))
+    val = list(bucketed.val_dataloader())
+    assert sum(int(b["attention_mask"].sum()) for b in val) == int(bucketed.val_dataset.lengths().sum())
+
+
+def test_packing_dataloader(zh_docs):
+    dm = TextDataModule(texts=zh_docs, val_split=0, max_length=10, batch_size=4, packing=True)
+    batches = list(dm.train_dataloader())
+    assert all(b["input_ids"].shape[1] == 10 for b in batches)
+    mask = torch.cat([b["attention_mask"] for b in batches])
+    assert int((mask.sum(1) < 10).sum()) <= 1  # only the last window may be short
+    assert int(mask.sum()) == sum(len(d) + 2 for d in zh_docs) - 1
+
+
+def test_bucket_by_length_and_packing_together_raise(zh_docs):
+    with pytest.raises(ValueError, match="bucket_by_length"):
+        TextDataModule(texts=zh_docs, val_split=0, bucket_by_length=True, packing=True)
+
+
+def test_state_dict_round_trip_and_refusal(zh_docs, tmp_path):
+    dm = TextDataModule(texts=zh_docs, val_split=0)
+    state = dm.state_dict()
+    json.dumps(state)  # checkpoint-friendly: plain JSON types
+    same = TextDataModule(texts=list(reversed(zh_docs)), val_split=0)
+    same.load_state_dict(state)
+    assert same.tokenizer == dm.tokenizer
+
+    different = TextDataModule(texts=[*zh_docs, "新字"], val_split=0)
+    before = different.tokenizer.id_to_token
+    with pytest.raises(ValueError, match="vocabulary") as err:
+        different.load_state_dict(state)
+    assert str(dm.vocab_size) in str(err.value) and str(different.vocab_size) in str(err.value)
+    assert "tokenizer_path" in str(err.value)
+    assert different.tokenizer.id_to_token == before
+
+
+def test_tokenizer_path_uses_the_saved_vocabulary(zh_docs, tmp_path):
+    first = TextDataModule(texts=zh_docs[:3], val_split=0)
+    path = tmp_path / "tokenizer.json"
+    first.tokenizer.save(path)
+    new_text = "新的文字不在词表里"
+    dm = TextDataModule(texts=[*zh_docs, new_text], val_split=0, tokenizer_path=str(path), max_length=64)
+    assert dm.tokenizer == first.tokenizer
+    assert dm.vocab_size == first.vocab_size
+    dm.load_state_dict(first.state_dict())  # resuming with other data works through tokenizer_path
+    encoded = [x for x, _ in items(dm.train_dataset)]
+    unknown = first.tokenizer.unknown_chars(new_text)
+    assert unknown
+    assert sum(x.count(dm.tokenizer.unk_token_id) for x in encoded) == len(
+        [c for d in [*zh_docs, new_text] for c in d if c in first.tokenizer.unknown_chars(d)]
+    )
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(tmp_path / "missing.json"))
+
+
+def test_cache_dir_reuses_the_encoded_corpus(zh_docs, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    docs = [*zh_docs, *many_docs(20)]
+    kwargs = dict(texts=docs, val_split=0.2, max_length=16, batch_size=4, cache_dir=str(cache))
+    first = TextDataModule(**kwargs)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len([f for f in files if f.endswith(".tokens.npy")]) == 2  # train and val
+    assert len([f for f in files if f.endswith(".offsets.npy")]) == 2
+    assert all(f.endswith(".npy") and ".tmp" not in f for f in files)
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the corpus was encoded again instead of read from the cache")
+
+    monkeypatch.setattr(data_mod.EncodedCorpus, "encode", classmethod(no_encoding))
+    second = TextDataModule(**kwargs)
+    monkeypatch.undo()
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
+    assert isinstance(second.train_dataset.corpus.tokens, np.memmap)
+    assert items(second.train_dataset) == items(first.train_dataset)
+    assert items(second.val_dataset) == items(first.val_dataset)
+    torch.manual_seed(0)
+    a = list(first.train_dataloader())
+    torch.manual_seed(0)
+    b = list(second.train_dataloader())
+    assert len(a) == len(b)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    uncached = TextDataModule(**{**kwargs, "cache_dir": None})
+    assert items(uncached.train_dataset) == items(first.train_dataset)
+
+
+def test_cache_dir_is_keyed_by_text_and_vocabulary(zh_docs, tmp_path):
+    cache = tmp_path / "cache"
+    a = TextDataModule(texts=zh_docs, val_split=0, max_length=64, cache_dir=str(cache))
+    n_files = len(list(cache.iterdir()))
+    changed = [*zh_docs[:-1], zh_docs[-1] + "改"]
+    b = TextDataModule(texts=changed, val_split=0, max_length=64, cache_dir=str(cache))
+    assert len(list(cache.iterdir())) == 2 * n_files
+    assert sorted(docs_in(b.train_dataset, b.tokenizer)) == sorted(changed)
+    assert sorted(docs_in(a.train_dataset, a.tokenizer)) == sorted(zh_docs)
+
+
+def test_bundled_sample_corpus_is_the_default():
+    assert SAMPLE_CORPUS.name == "tang300.txt" and SAMPLE_CORPUS.parent.name == "corpora"
+    assert SAMPLE_CORPUS.is_file()
+    poems = load_corpus(SAMPLE_CORPUS)
+    assert len(poems) >= 100
+    longest = max(len(p) for p in poems)
+    dm = TextDataModule(max_length=longest + 1, val_split=0.05)
+    train, val = docs_in(dm.train_dataset, dm.tokenizer), docs_in(dm.val_dataset, dm.tokenizer)
+    assert Counter(train) + Counter(val) == Counter(poems)
+    assert len(val) == round(len(poems) * 0.05)
+    assert dm.tokenizer == CharTokenizer().build_vocab(train)

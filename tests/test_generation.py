@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.generation import generate_text, sample_next_token
+from qwen3_lightning.model import Qwen3Transformer
+from qwen3_lightning.tokenizer import CharTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = Qwen3Config(vocab_size=83, hidden_size=64, intermediate_size=128, num_decoder_layer=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    # larger weights than the default init, so that greedy decoding does not repeat one token forever
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**CONFIG.to_hf_config(), "initializer_range": 0.2}))
+    hf.eval()
+    ours = Qwen3Transformer(CONFIG).eval()
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def test_greedy_equals_transformers(pair):
+    hf, ours = pair
+    prompt = torch.randint(4, 83, (1, 7))
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, min_new_tokens=30,
+                           do_sample=False, pad_token_id=0)
+    actual = ours.generate(prompt, 30, temperature=0)
+    assert len(set(actual[0, 7:].tolist())) > 3  # a real sequence, not one repeated token
+    assert torch.equal(actual, expected)
+
+
+def test_left_padded_batch_equals_transformers(pair):
+    hf, ours = pair
+    prompts = [torch.randint(4, 83, (n,)) for n in (3, 9, 6)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 9 - len(p) :], mask[i, 9 - len(p) :] = p, 1
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                           pad_token_id=0)
+    actual = ours.generate(ids, 20, temperature=0, attention_mask=mask)
+    assert torch.equal(actual, expected)
+    for i, p in enumerate(prompts):  # and each row as if it were alone
+        alone = ours.generate(p[None], 20, temperature=0)
+        assert torch.equal(alone[0, len(p) :], actual[i, 9:])
+
+
+def test_seeded_sampling_is_reproducible(pair):
+    _, ours = pair
+    prompt = torch.randint(4, 83, (2, 5))
+
+    def run(seed):
+        return ours.generate(prompt, 25, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(pair):
+    _, ours = pair
+    prompt = torch.randint(4, 83, (1, 5))
+    greedy = ours.generate(prompt, 15, temperature=0)
+    assert torch.equal(ours.generate(prompt, 15, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(ours.generate(prompt, 15, temperature=1.5, top_p=1e-6), greedy)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, 1.0, top_k=2, generator=gen).item() for _ in range(300)}
+    assert draws == {0, 1}
+    # softmax of [4, 3, 2, ...]: 0.64, 0.24, 0.09, ... the nucleus of 0.8 is the first two tokens
+    draws = {sample_next_token(logits, 1.0, top_p=0.8, generator=gen).item() for _ in range(300)}
+    assert draws == {0, 1}
+    counts = torch.bincount(torch.stack([sample_next_token(logits, 1.0, generator=gen) for _ in range(4000)])[:, 0],
+                            minlength=5).float() / 4000
+    torch.testing.assert_close(counts, logits.softmax(-1)[0], atol=0.03, rtol=0)
+
+
+def test_eos_stops_and_pads(pair):
+    _, ours = pair
+    prompt = torch.randint(4, 83, (1, 5))
+    greedy = ours.generate(prompt, 20, temperature=0)[0, 5:]
+    eos = int(greedy[3])
+    stopped = ours.generate(prompt, 20, temperature=0, eos_token_id=eos)[0, 5:]
+    first = greedy.tolist().index(eos)
+    assert stopped.tolist() == greedy[: first + 1].tolist()
+
+
+def test_stream_yields_the_same_tokens(pair):
+    _, ours = pair
+    prompt = torch.randint(4, 83, (2, 4))
+    streamed = torch.stack(list(ours.generate(prompt, 12, temperature=0, stream=True)), dim=1)
+    assert torch.equal(streamed, ours.generate(prompt, 12, temperature=0)[:, 4:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"max_new_tokens": 60}, "exceeds the model's max_position_embeddings=64"),
+        ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+    ],
+)
+def test_bad_generation_arguments(pair, kwargs, message):
+    _, ours = pair
+    args = {"max_new_tokens": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ours.generate(torch.ones(1, 5, dtype=torch.long), **args)
+
+
+def test_empty_input_is_refused(pair):
+    with pytest.raises(ValueError, match="Start an empty prompt with the <bos> token"):
+        pair[1].generate(torch.ones(1, 0, dtype=torch.long), 5)
+
+
+def test_generate_text_warns_once_on_unknown_characters(pair):
+    _, ours = pair
+    tokenizer = CharTokenizer().build_vocab(["".join(chr(0x4E00 + i) for i in range(79))])
+    assert tokenizer.vocab_size == 83
+    with pytest.warns(UserWarning, match="outside the vocabulary") as record:
+        text = generate_text(ours, tokenizer, "一丁X", 10, temperature=0)
+    assert len(record) == 1 and "X" in str(record[0].message)
+    assert 0 < len(text) <= 10
+    empty = generate_text(ours, tokenizer, "", 10, temperature=0)  # starts from <bos> alone
+    assert 0 < len(empty) <= 10

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+
+from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.interop import export_pretrained, load_checkpoint
+from qwen3_lightning.model import Qwen3Transformer
+from qwen3_lightning.tokenizer import CharTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。 Hello, world! 𠀀😀"
+
+
+def small_config(**fields) -> Qwen3Config:
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_decoder_layer=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    return Qwen3Config(**{**base, **fields})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
+    tokenizer = CharTokenizer().build_vocab([TEXT])
+    torch.manual_seed(0)
+    ours = Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size, tie_word_embeddings=tied)).eval()
+    export_pretrained(ours, tmp_path, tokenizer)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "vocab.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    x = torch.tensor([tokenizer.encode(TEXT, add_special_tokens=True)])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+
+
+def test_exported_tokenizer_encodes_like_char_tokenizer(tmp_path):
+    tokenizer = CharTokenizer().build_vocab([TEXT])
+    export_pretrained(Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size)), tmp_path, tokenizer)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in (TEXT, "明月 unknown 字 \n\n  end", "", "  两个空格"):
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    ids = tokenizer.encode(TEXT)
+    assert hf_tok.decode(ids) == tokenizer.decode(ids) == TEXT
+    assert (hf_tok.pad_token_id, hf_tok.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_from_pretrained_reads_a_transformers_directory(tmp_path, tied):
+    config = small_config(tie_word_embeddings=tied, attention_bias=True)
+    torch.manual_seed(1)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.to_hf_config())).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Qwen3Transformer.from_pretrained(tmp_path).eval()
+    assert ours.config == config
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+
+def test_round_trip_through_export(tmp_path):
+    torch.manual_seed(2)
+    ours = Qwen3Transformer(small_config(tie_word_embeddings=False))
+    export_pretrained(ours, tmp_path)
+    back = Qwen3Transformer.from_pretrained(tmp_path)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_export_in_bfloat16(tmp_path):
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert Qwen3Transformer.from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Qwen3Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(small_config().to_hf_config()))
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors"):
+        Qwen3Transformer.from_pretrained(tmp_path)
+    other = tmp_path / "other"
+    export_pretrained(Qwen3Transformer(small_config(num_decoder_layer=1)), other)
+    (other / "config.json").write_text(json.dumps(small_config().to_hf_config()))  # claims 2 layers
+    with pytest.raises(ValueError, match="do not fit"):
+        Qwen3Transformer.from_pretrained(other)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(text)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(ValueError, match="not a checkpoint of a qwen3_lightning training run"):
+        load_checkpoint(other)
