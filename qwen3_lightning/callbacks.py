@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,16 @@ def batch_size(batch: dict[str, torch.Tensor]) -> int:
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Computed token positions (padding included), what the hardware spends time on."""
     return batch["input_ids"].numel()
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is also written when training ends between two
+    validations (at ``max_steps``, say): Lightning skips it there once any checkpoint was saved, and a resume
+    with ``--ckpt_path last`` would then repeat the steps since."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from qwen3_lightning.callbacks import TextSampler, TokenThroughput
+from qwen3_lightning.callbacks import Checkpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule
 
@@ -44,6 +44,7 @@ class Qwen3CLI(LightningCLI):
                 "default_root_dir": "runs",
                 "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
             },
+            seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
             args=args,
             **kwargs,
@@ -51,10 +52,10 @@ class Qwen3CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val_loss", "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
                              "checkpoint.save_last": True, "checkpoint.filename": "best"})
-        parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "periodic_checkpoint")
         parser.set_defaults({"periodic_checkpoint.save_top_k": -1, "periodic_checkpoint.every_n_epochs": 5,
                              "periodic_checkpoint.filename": "epoch{epoch}-step{step}",
                              "periodic_checkpoint.auto_insert_metric_name": False})

@@ -129,6 +129,14 @@ class Qwen3LightningModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_loss, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        # a fresh state each time: one left by trainer.validate() is an inference tensor, which fit's
+        # validation (run under no_grad, not inference mode) may not update in place
+        self.val_loss.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         self.log("val_ppl", torch.exp(self.val_loss.compute()))
 

@@ -49,6 +49,11 @@ def docs_in(dataset: TextDataset, tok: CharTokenizer) -> list[str]:
     return out
 
 
+def as_seen(doc: str, tok: CharTokenizer) -> str:
+    """``doc`` as the tokenizer sees it: characters outside its vocabulary shown as ``<unk>``."""
+    return tok.decode(tok.encode(doc), skip_special_tokens=False)
+
+
 def padding_fraction(batches) -> float:
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
@@ -91,10 +96,10 @@ def test_find_text_files_list_keeps_the_given_order(tmp_path):
     assert find_text_files([single, str(d)]) == [single, d / "1.txt", d / "2.txt"]
 
 
-def test_find_text_files_missing_path_is_named(tmp_path):
+def test_find_text_files_missing_path_is_named(tmp_path, zh_corpus_file):
     missing = tmp_path / "不存在.txt"
     with pytest.raises(FileNotFoundError) as err:
-        find_text_files([tmp_path / "..", missing])
+        find_text_files([zh_corpus_file, missing])
     assert str(missing) in str(err.value)
 
 
@@ -120,8 +125,6 @@ def test_txt_split_drops_surrounding_whitespace_and_empty_documents(tmp_path):
 
 def test_txt_crlf_and_bom_read_like_lf(tmp_path, zh_docs):
     path = tmp_path / "windows.txt"
-    path.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(zh_docs).replace("\n", "\r\n").encode("utf-8"))
-    # the first replace made "\r\n\r\n" -> "\r\r\n\r\r\n"; build it properly instead
     path.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(zh_docs).replace("\n", "\r\n").encode("utf-8"))
     assert read_documents(path) == zh_docs
 
@@ -435,8 +438,10 @@ def test_val_split_is_held_out_and_seeded():
     other = TextDataModule(texts=docs, val_split=0.25, seed=8, max_length=64)
     train, val = docs_in(split.train_dataset, split.tokenizer), docs_in(split.val_dataset, split.tokenizer)
     assert len(val) == 10 and len(train) == 30
-    assert not set(train) & set(val)
-    assert sorted(train + val) == sorted(docs)
+    assert set(train) <= set(docs)
+    held_out = [d for d in docs if d not in set(train)]
+    assert len(held_out) == 10
+    assert sorted(val) == sorted(as_seen(d, split.tokenizer) for d in held_out)
     assert docs_in(again.val_dataset, again.tokenizer) == val
     assert sorted(docs_in(other.val_dataset, other.tokenizer)) != sorted(val)
 
@@ -465,15 +470,18 @@ def test_val_split_out_of_range_raises(val_split):
 def test_vocab_is_built_from_the_training_split_only():
     docs = many_docs(30)
     dm = TextDataModule(texts=docs, val_split=0.3, seed=1, max_length=64)
-    val = set(docs_in(dm.val_dataset, dm.tokenizer))
-    assert val
+    train = set(docs_in(dm.train_dataset, dm.tokenizer))
+    held_out = [d for d in docs if d not in train]
+    assert len(held_out) == 9
     for doc in docs:
         own = doc[0]  # the one character no other document holds
-        assert (own in dm.tokenizer.token_to_id) == (doc not in val)
-    # the held-out documents' own character becomes <unk> in the validation data
+        assert (own in dm.tokenizer.token_to_id) == (doc in train)
+    assert dm.tokenizer == CharTokenizer().build_vocab(d for d in docs if d in train)
+    # a held-out document's own character becomes <unk> in the validation data
     val_tokens = [t for x, _ in items(dm.val_dataset) for t in x]
-    assert val_tokens.count(dm.tokenizer.unk_token_id) == len(val)
-    assert dm.vocab_size == len(dm.tokenizer) == 4 + len(set("".join(d for d in docs if d not in val)))
+    unknown = sum(c not in dm.tokenizer.token_to_id for d in held_out for c in d)
+    assert unknown >= len(held_out)
+    assert val_tokens.count(dm.tokenizer.unk_token_id) == unknown
 
 
 def test_vocab_size_and_min_freq_reach_the_tokenizer(zh_docs):
@@ -553,12 +561,10 @@ def test_tokenizer_path_uses_the_saved_vocabulary(zh_docs, tmp_path):
     assert dm.tokenizer == first.tokenizer
     assert dm.vocab_size == first.vocab_size
     dm.load_state_dict(first.state_dict())  # resuming with other data works through tokenizer_path
-    encoded = [x for x, _ in items(dm.train_dataset)]
-    unknown = first.tokenizer.unknown_chars(new_text)
-    assert unknown
-    assert sum(x.count(dm.tokenizer.unk_token_id) for x in encoded) == len(
-        [c for d in [*zh_docs, new_text] for c in d if c in first.tokenizer.unknown_chars(d)]
-    )
+    assert first.tokenizer.unknown_chars(new_text)
+    unknown = sum(c not in first.tokenizer.token_to_id for d in [*zh_docs, new_text] for c in d)
+    encoded = [t for x, _ in items(dm.train_dataset) for t in x]
+    assert encoded.count(dm.tokenizer.unk_token_id) == unknown
     with pytest.raises(FileNotFoundError, match="missing.json"):
         TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(tmp_path / "missing.json"))
 
@@ -613,6 +619,7 @@ def test_bundled_sample_corpus_is_the_default():
     longest = max(len(p) for p in poems)
     dm = TextDataModule(max_length=longest + 1, val_split=0.05)
     train, val = docs_in(dm.train_dataset, dm.tokenizer), docs_in(dm.val_dataset, dm.tokenizer)
-    assert Counter(train) + Counter(val) == Counter(poems)
-    assert len(val) == round(len(poems) * 0.05)
+    held_out = Counter(poems) - Counter(train)
+    assert sum(held_out.values()) == len(val) == round(len(poems) * 0.05)
+    assert Counter(val) == Counter(as_seen(p, dm.tokenizer) for p in held_out.elements())
     assert dm.tokenizer == CharTokenizer().build_vocab(train)

@@ -1,0 +1,535 @@
+"""Benchmarks of qwen3_lightning: training throughput, MFU and memory; decoding speed; data efficiency.
+
+Each training case runs in a fresh process of this script (the hidden ``--case`` flag), so the peak memory
+reported for it is its own. Tables go to stdout as Markdown, progress to stderr, every number to ``--json``.
+
+    python scripts/benchmark.py                       # small preset, all sections
+    python scripts/benchmark.py --quick               # smoke run: tiny preset, a few steps
+    python scripts/benchmark.py --sections train --compile --fused
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.model import Qwen3Transformer, flops_per_token
+
+SECTIONS = ("train", "decode", "data")
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "zh_fortunes.txt"
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+"""Datasheet dense bf16 tensor-core FLOP/s (SXM parts), matched against the CUDA device name."""
+CASES = {
+    "ours": "ours, plain loop",
+    "lightning": "ours, Lightning Trainer",
+    "hf": "transformers Qwen3ForCausalLM, plain loop",
+    "ours_ckpt": "ours, plain loop, gradient checkpointing",
+    "ours_compiled": "ours, plain loop, torch.compile",
+    "lightning_compiled": "ours, Lightning Trainer, torch.compile",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default="train,decode,data", help=f"comma-separated, of {', '.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, short sequences, a few steps")
+    p.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
+    p.add_argument("--vocab-size", type=int, default=6000,
+                   help="vocabulary of the synthetic batches; 6000 is about a Chinese character vocabulary "
+                        "(zh_fortunes.txt has 5969 distinct characters plus specials)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per training example (default: 256; 64 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per case (default: 10; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, at least 1 (default: 2; 1 with --quick)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
+    p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default: 200; 16 with --quick)")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--decode-repeats", type=int, default=None, help="timed decodes per case, median kept (default: 3)")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="UTF-8 text for the data section")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all the numbers")
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quick = args.quick
+    for name, full, small in (("preset", "small", "tiny"), ("seq_len", 256, 64), ("steps", 10, 2), ("warmup", 2, 1),
+                              ("new_tokens", 200, 16), ("decode_repeats", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (the Trainer timer measures from the end of a warmup step)")
+    return args
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 mixed precision on a GPU; float32 (no autocast) on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def peak_flops(device: torch.device, quick: bool) -> tuple[float | None, str]:
+    """The FLOP/s that MFU is measured against, and where it comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"datasheet bf16 dense, {key}"
+        return None, f"unknown GPU {name!r}: no MFU"
+    n, reps = (1024, 5) if quick else (2048, 10)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        torch.mm(a, b)
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        rounds.append(time.perf_counter() - start)
+    peak = 2 * n**3 * reps / min(rounds)
+    return peak, f"measured float32 {n}x{n} matmul, {torch.get_num_threads()} threads"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, bool) or v is None:
+            return {True: "yes", False: "NO", None: "n/a"}[v]
+        if isinstance(v, int):
+            return f"{v:,}"
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def model_config(args: argparse.Namespace) -> Qwen3Config:
+    return Qwen3Config.from_preset(args.preset, vocab_size=args.vocab_size)
+
+
+def num_parameters(config: Qwen3Config) -> int:
+    with torch.device("meta"):
+        return Qwen3Transformer(config).num_parameters()
+
+
+def build_hf(config: Qwen3Config, ours: Qwen3Transformer) -> nn.Module:
+    """transformers' Qwen3ForCausalLM with the same shape and the same weights as ``ours``."""
+    import transformers
+
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.to_hf_config()))
+    hf.load_state_dict(ours.state_dict())
+    return hf
+
+
+# --- training: one case per process ---------------------------------------------------------------------
+
+
+def random_batches(config: Qwen3Config, args: argparse.Namespace, n: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Fixed random batches without padding, shaped like the DataModule's."""
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, args.seq_len)
+    return [{"input_ids": torch.randint(4, config.vocab_size, shape, generator=g),
+             "labels": torch.randint(4, config.vocab_size, shape, generator=g),
+             "attention_mask": torch.ones(shape, dtype=torch.long)} for _ in range(n)]
+
+
+def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """AdamW as Qwen3LightningModule configures it: no weight decay on norms, biases and the embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def time_plain_loop(model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace,
+                    device: torch.device) -> list[float]:
+    """Seconds of each timed step: forward, cross-entropy, backward, AdamW step, zero_grad."""
+    model.to(device).train()
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    optimizer = make_optimizer(model, args.fused)
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = batches[step % len(batches)]
+        sync(device)
+        start = time.perf_counter()
+        with autocast(device):
+            loss = F.cross_entropy(forward(batch).flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class FixedBatches(Dataset):
+    def __init__(self, batches: list[dict[str, torch.Tensor]], length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batches[index % len(self.batches)]
+
+
+class StepTimer(L.Callback):
+    """Wall time between consecutive ends of training batches: the whole step as the Trainer runs it, with
+    batch fetching, device transfer, logging and hooks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        sync(self.device)
+        self.ends.append(time.perf_counter())
+
+
+def time_trainer(batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device,
+                 compile: bool) -> list[float]:
+    from qwen3_lightning.module import Qwen3LightningModule
+
+    module = Qwen3LightningModule(preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile)
+    timer = StepTimer(device)
+    total = args.warmup + args.steps
+    trainer = L.Trainer(max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="gpu" if device.type == "cuda" else "cpu",
+                        devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
+                        callbacks=[timer], num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(FixedBatches(batches, total), batch_size=None))
+    return [b - a for a, b in zip(timer.ends, timer.ends[1:])][-args.steps :]
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One training case in this (fresh) process: step times and peak memory."""
+    import transformers  # noqa: F401  every case imports the same libraries, so their baseline memory is equal
+
+    device = pick_device()
+    config = model_config(args)
+    batches = random_batches(config, args)
+    baseline = max_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(args.seed)
+    if name.startswith("lightning"):
+        times = time_trainer(batches, args, device, compile=name.endswith("compiled"))
+    else:
+        model: nn.Module = Qwen3Transformer(config)
+        if name == "hf":
+            model = build_hf(config, model)
+
+            def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+                return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        else:
+            model.gradient_checkpointing = name == "ours_ckpt"
+            if name == "ours_compiled":
+                for layer in model.model.layers:
+                    layer.compile()
+
+            def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+                # no mask: the batches have no padding, and Qwen3LightningModule drops an all-ones mask too
+                return model(b["input_ids"])
+
+        times = time_plain_loop(model, forward, batches, args, device)
+    return {
+        "step_s": times,
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": max_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+
+
+def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--threads", str(torch.get_num_threads()),
+               "--case", name, "--case-out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            print(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return {"error": proc.stderr[-3000:]}
+        return json.loads(out.read_text())
+
+
+def train_section(args: argparse.Namespace, argv: list[str], device: torch.device,
+                  peak: float | None) -> tuple[dict[str, Any], str]:
+    config = model_config(args)
+    n_params = num_parameters(config)
+    flops = flops_per_token(config, args.seq_len, n_params)
+    tokens = args.batch_size * args.seq_len
+    names = ["ours", "lightning", "hf", "ours_ckpt"] + (["ours_compiled", "lightning_compiled"] if args.compile else [])
+    cases: dict[str, dict[str, Any]] = {}
+    for name in names:
+        print(f"[train] {CASES[name]} ...", file=sys.stderr, flush=True)
+        r = spawn_case(name, argv)
+        if "step_s" in r:
+            r["median_step_s"] = statistics.median(r["step_s"])
+            r["tokens_per_s"] = tokens / r["median_step_s"]
+            r["mfu"] = r["tokens_per_s"] * flops / peak if peak else None
+            r["rss_increase_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]
+        cases[name] = r
+
+    def tps(name: str) -> float | None:
+        return cases.get(name, {}).get("tokens_per_s")
+
+    memory = "peak_cuda_mb" if device.type == "cuda" else "rss_increase_mb"
+    rows = []
+    for name, r in cases.items():
+        if "error" in r:
+            rows.append([CASES[name], "failed", *[None] * 6])
+            continue
+        rows.append([CASES[name], r["tokens_per_s"], r["median_step_s"] * 1000,
+                     100 * r["mfu"] if r["mfu"] is not None else None, r["peak_rss_mb"], r.get(memory),
+                     ratio(r["tokens_per_s"], tps("ours")), ratio(r.get(memory), cases["ours"].get(memory))])
+    memory_label = "peak CUDA MB" if device.type == "cuda" else "RSS increase MB"
+    headers = ["case", "tokens/s", "ms/step (median)", "MFU %", "peak RSS MB (process)", memory_label,
+               "speed vs ours plain", "memory vs ours plain"]
+    table = markdown_table(headers, rows)
+    result = {"num_parameters": n_params, "flops_per_token": flops, "tokens_per_step": tokens, "cases": cases}
+    return result, table
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median seconds of ``repeats`` calls, and the last output."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], str]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(args)
+    torch.manual_seed(args.seed)
+    ours = Qwen3Transformer(config)
+    hf = build_hf(config, ours).to(device, dtype).eval()
+    ours = ours.to(device, dtype).eval()
+    n = args.new_tokens
+    results: dict[str, Any] = {}
+    rows = []
+    for batch in (1, 8):
+        print(f"[decode] batch {batch} ...", file=sys.stderr, flush=True)
+        g = torch.Generator().manual_seed(args.seed + batch)
+        prompt = torch.randint(4, config.vocab_size, (batch, args.prompt_len), generator=g).to(device)
+        mask = torch.ones_like(prompt)
+
+        def run_ours(k: int, prompt: torch.Tensor = prompt) -> torch.Tensor:
+            return ours.generate(prompt, k, temperature=0)
+
+        def run_hf(k: int, prompt: torch.Tensor = prompt, mask: torch.Tensor = mask) -> torch.Tensor:
+            return hf.generate(prompt, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                               pad_token_id=0)
+
+        run_ours(8), run_hf(8)  # warm up
+        t_ours, out_ours = timed(lambda f=run_ours: f(n), device, args.decode_repeats)
+        t_hf, out_hf = timed(lambda f=run_hf: f(n), device, args.decode_repeats)
+        same = out_ours.shape == out_hf.shape and bool(torch.equal(out_ours, out_hf))
+        r = {"ours_tokens_per_s": batch * n / t_ours, "hf_tokens_per_s": batch * n / t_hf,
+             "ours_s": t_ours, "hf_s": t_hf, "greedy_outputs_equal": same}
+        r["ours_over_hf"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
+        results[f"batch_{batch}"] = r
+        rows.append([batch, r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ours_over_hf"], same])
+    headers = ["batch", "ours tokens/s", "transformers tokens/s", "ours / transformers", "greedy outputs equal"]
+    return results, markdown_table(headers, rows)
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+def data_section(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    from qwen3_lightning.data import TextDataModule, read_text
+    from qwen3_lightning.tokenizer import CharTokenizer
+
+    if not args.corpus.is_file():
+        return None, f"(data section skipped: corpus {args.corpus} not found; pass --corpus)"
+    text = read_text(args.corpus)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        tokenizer = CharTokenizer().build_vocab([text])
+        tokenizer.encode(text)
+        times.append(time.perf_counter() - start)
+    chars_per_s = len(text) / min(times)
+    modes = {"padded to longest": {}, "bucket_by_length": {"bucket_by_length": True}, "packing": {"packing": True}}
+    results: dict[str, Any] = {"corpus": str(args.corpus), "characters": len(text), "vocab_size": tokenizer.vocab_size,
+                               "tokenizer_chars_per_s": chars_per_s, "modes": {}}
+    rows = []
+    for mode, kwargs in modes.items():
+        print(f"[data] {mode} ...", file=sys.stderr, flush=True)
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        dm = TextDataModule(train_path=str(args.corpus), val_split=0, max_length=args.seq_len,
+                            batch_size=args.batch_size, **kwargs)
+        setup_s = time.perf_counter() - start
+        real = computed = batches = 0
+        for batch in dm.train_dataloader():
+            real += int(batch["attention_mask"].sum())
+            computed += batch["input_ids"].numel()
+            batches += 1
+        r = {"batches": batches, "real_tokens": real, "computed_tokens": computed, "real_fraction": real / computed,
+             "datamodule_setup_s": setup_s}
+        results["modes"][mode] = r
+        rows.append([mode, batches, computed, 100 * r["real_fraction"], setup_s])
+    headers = ["batching", "batches/epoch", "computed tokens", "real (non-padding) %", "DataModule setup s"]
+    intro = (f"Tokenizer (build_vocab + encode of {len(text):,} characters, best of 3): "
+             f"{chars_per_s:,.0f} characters/s; vocabulary {tokenizer.vocab_size}.")
+    return results, intro + "\n\n" + markdown_table(headers, rows)
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:
+        result = run_case(args.case, args)
+        args.case_out.write_text(json.dumps(result))
+        return
+    device = pick_device()
+    torch.manual_seed(args.seed)
+    report: dict[str, Any] = {"machine": machine_info(device)}
+    report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                          if k not in ("case", "case_out")}
+    m = report["machine"]
+    print(f"# qwen3_lightning benchmark\n\n{m['date']}; {m['device']} ({m['device_type']}), {m['threads']} threads; "
+          f"torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}; "
+          f"load average at start {m['load_average_at_start'][0]:.2f}.\n")
+    ratios: dict[str, float | None] = {}
+    if "train" in args.sections:
+        peak, source = peak_flops(device, args.quick)
+        report["peak_flops"], report["peak_flops_source"] = peak, source
+        train, table = train_section(args, argv, device, peak)
+        report["train"] = train
+        print(f"## Training: preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, vocabulary "
+              f"{args.vocab_size}, {'bf16-mixed' if device.type == 'cuda' else 'float32'}, "
+              f"{'fused' if args.fused else 'default (foreach)'} AdamW\n")
+        print(f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
+              f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Median of {args.steps} "
+              f"steps after {args.warmup} warmup. Each case runs in its own process; its RSS increase is its peak "
+              "RSS minus the RSS after imports.\n")
+        print(table + "\n")
+        cases = train["cases"]
+
+        def tps(name: str) -> float | None:
+            return cases.get(name, {}).get("tokens_per_s")
+
+        ratios["train: ours / transformers (tokens/s)"] = ratio(tps("ours"), tps("hf"))
+        ratios["train: Lightning Trainer / plain loop (tokens/s)"] = ratio(tps("lightning"), tps("ours"))
+        ratios["train: gradient checkpointing / plain loop (tokens/s)"] = ratio(tps("ours_ckpt"), tps("ours"))
+        if args.compile:
+            ratios["train: compiled / eager, plain loop (tokens/s)"] = ratio(tps("ours_compiled"), tps("ours"))
+            ratios["train: compiled / eager, Trainer (tokens/s)"] = ratio(tps("lightning_compiled"), tps("lightning"))
+    if "decode" in args.sections:
+        decode, table = decode_section(args, device)
+        report["decode"] = decode
+        print(f"## Greedy decoding: preset {args.preset}, prompt {args.prompt_len} tokens, {args.new_tokens} new "
+              f"tokens, {'bf16' if device.type == 'cuda' else 'float32'}, median of {args.decode_repeats} "
+              "(tokens/s counts new tokens of all rows; the prompt's prefill is included in the time)\n")
+        print(table + "\n")
+        for key, r in decode.items():
+            ratios[f"decode {key.replace('_', ' ')}: ours / transformers (tokens/s)"] = r["ours_over_hf"]
+    if "data" in args.sections:
+        data, text = data_section(args)
+        report["data"] = data
+        print(f"## Data: {args.corpus.name}, max_length {args.seq_len}, batch {args.batch_size}\n\n{text}\n")
+    if ratios:
+        report["ratios"] = ratios
+        print("## Ratios\n\n" + markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]) + "\n")
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"Numbers written to {args.json}.", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from qwen3_lightning.cli import Qwen3CLI, main
+from qwen3_lightning.data import TextDataModule, collate
+from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+POEMS = ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。", "床前明月光，疑是地上霜。", "举头望明月，低头思故乡。",
+         "白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。", "红豆生南国，春来发几枝。", "愿君多采撷，此物最相思。"]
+TINY = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16}"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "poems.txt"
+    path.write_text("\n\n".join(POEMS * 3), encoding="utf-8")
+    return path
+
+
+def cli_args(corpus: Path, root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
+            "--data.val_split", "0.25", "--data.batch_size", "4", "--model.overrides", TINY,
+            "--model.warmup_steps", "3", "--trainer.default_root_dir", str(root),
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra]
+
+
+def read_metrics(root: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(root / "logs" / f"version_{version}" / "metrics.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+
+
+def test_warmup_cosine_shape():
+    values = [warmup_cosine(s, 10, 110, 0.1) for s in range(130)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(values[:10], values[1:10], strict=False))
+    assert all(a >= b for a, b in zip(values[10:110], values[11:111], strict=False))
+    assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1) and values[129] == pytest.approx(0.1)
+
+
+def test_fit_through_python_m_and_resume(corpus, tmp_path):
+    root = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qwen3_lightning", *cli_args(corpus, root, "--trainer.max_steps", "8")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = {p.name for p in (root / "checkpoints").iterdir()}
+    assert {"last.ckpt", "best.ckpt"} <= ckpts
+    assert (root / "logs/version_0/tokenizer.json").is_file()
+    assert (root / "logs/version_0/config.yaml").is_file()
+    first = read_metrics(root)
+    assert max(s for s, _ in column(first, "train_loss")) == 7
+    assert column(first, "val_loss") and column(first, "val_ppl")
+    # resume: the global step continues from 8 to 12
+    main(cli_args(corpus, root, "--trainer.max_steps", "12", "--ckpt_path", "last"))
+    second = read_metrics(root, version=1)
+    steps = [s for s, _ in column(second, "train_loss")]
+    assert min(steps) == 8 and max(steps) == 11
+    ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 12
+
+
+def test_learning_rate_follows_warmup_then_cosine(corpus, tmp_path):
+    root = tmp_path / "run"
+    main(cli_args(corpus, root, "--trainer.max_steps", "20", "--model.learning_rate", "1e-3",
+                  "--model.min_lr", "1e-4", "--model.warmup_steps", "5"))
+    lrs = dict(column(read_metrics(root), "lr-AdamW/pg1"))
+    assert sorted(lrs) == list(range(20))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * warmup_cosine(step, 5, 20, 0.1), rel=1e-6), step
+    assert lrs[4] == pytest.approx(1e-3) and lrs[0] == pytest.approx(2e-4) and lrs[19] < 1.1e-4
+
+
+def test_custom_criterion_from_the_command_line(corpus, tmp_path):
+    cli = Qwen3CLI(args=cli_args(corpus, tmp_path / "run", "--trainer.max_steps", "1", "--model.criterion",
+                                 "{class_path: torch.nn.CrossEntropyLoss, init_args: {label_smoothing: 0.2}}"))
+    assert isinstance(cli.model.criterion, torch.nn.CrossEntropyLoss)
+    assert cli.model.criterion.label_smoothing == 0.2
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["preset"] in config.read_text()
+    assert printed["trainer"]["gradient_clip_val"] == 1.0
+
+
+def test_plain_trainer_without_the_cli(tmp_path):
+    data = TextDataModule(texts=POEMS * 4, val_split=0.25, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2, "hidden_size": 64},
+                                 vocab_size=data.vocab_size, learning_rate=3e-3, warmup_steps=2)
+    trainer = L.Trainer(max_steps=30, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    start = trainer.validate(model, data, verbose=False)[0]["val_loss"]
+    trainer.fit(model, data)
+    end = trainer.callback_metrics["val_loss"].item()
+    assert end < start - 1.0
+    assert trainer.global_step == 30
+    assert math.exp(end) == pytest.approx(trainer.callback_metrics["val_ppl"].item(), rel=1e-5)
+
+
+def test_overfits_one_batch():
+    L.seed_everything(0)
+    data = TextDataModule(texts=POEMS[:4], val_split=0, max_length=32, batch_size=4)
+    batch = collate([data.train_dataset[i] for i in range(4)])
+    model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size,
+                                 learning_rate=5e-3, min_lr=5e-3, warmup_steps=0, weight_decay=0.0)
+    trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, torch.utils.data.DataLoader([batch], batch_size=None))  # the same batch every step
+    # the first character after <bos> differs between the poems and cannot be memorized; the rest can
+    batch["labels"][:, 0] = -100
+    model.eval()
+    with torch.no_grad():
+        loss, _ = model._loss(batch)
+    assert loss.item() < 0.05
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = Qwen3LightningModule(overrides={"attention_bias": True, "tie_word_embeddings": False}, vocab_size=50)
+    model.configure_model()
+    model.trainer = L.Trainer(max_steps=10, logger=False)
+    opt = model.configure_optimizers()["optimizer"]
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    for pid, name in names.items():
+        assert (pid in decay) == (name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name), name
+
+
+def test_hparams_rebuild_the_module(corpus, tmp_path):
+    main(cli_args(corpus, tmp_path / "run", "--trainer.max_steps", "2"))
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    module = Qwen3LightningModule.load_from_checkpoint(ckpt, weights_only=True)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(module.model.model.embed_tokens.weight, saved["model.model.embed_tokens.weight"])
+    assert yaml.safe_load((tmp_path / "run/logs/version_0/hparams.yaml").read_text())["preset"] == "tiny"
+
+
+def test_bad_model_values_fail_before_training(corpus, tmp_path):
+    with pytest.raises(ValueError, match="num_attention_heads=3 is not divisible"):
+        main(cli_args(corpus, tmp_path, "--model.overrides", "{num_attention_heads: 3, num_key_value_heads: 2}"))
+    with pytest.raises(ValueError, match="unknown preset 'giant'"):
+        main(cli_args(corpus, tmp_path, "--model.preset", "giant"))
+    assert not (tmp_path / "checkpoints").exists()
