@@ -55,8 +55,15 @@ class TextSampler(L.Callback):
         seed: seed of the sampling, so samples at different steps are comparable.
     """
 
-    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_k: int | None = 50, every_n_steps: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.prompts = prompts if prompts is not None else [""]
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.every_n_steps, self.seed = every_n_steps, seed
@@ -66,8 +73,9 @@ class TextSampler(L.Callback):
         if self.every_n_steps is None and not trainer.sanity_checking:
             self.sample(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.sample(trainer, pl_module)
 
@@ -83,8 +91,15 @@ class TextSampler(L.Callback):
         records = []
         for prompt in self.prompts:
             room = pl_module.model.config.max_position_embeddings - len(prompt) - 1
-            text = generate_text(pl_module.model, tokenizer, prompt, min(self.max_new_tokens, room), self.temperature,
-                                 self.top_k, generator=generator)
+            text = generate_text(
+                pl_module.model,
+                tokenizer,
+                prompt,
+                min(self.max_new_tokens, room),
+                self.temperature,
+                self.top_k,
+                generator=generator,
+            )
             records.append({"step": trainer.global_step, "prompt": prompt, "text": text})
             log.info("sample at step %d: %s", trainer.global_step, prompt + text)
             print(f"[step {trainer.global_step}] {prompt}{text}")

@@ -53,12 +53,24 @@ class Qwen3CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val_loss", "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
-                             "checkpoint.save_last": True, "checkpoint.filename": "best"})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best",
+            }
+        )
         parser.add_lightning_class_args(Checkpoint, "periodic_checkpoint")
-        parser.set_defaults({"periodic_checkpoint.save_top_k": -1, "periodic_checkpoint.every_n_epochs": 5,
-                             "periodic_checkpoint.filename": "epoch{epoch}-step{step}",
-                             "periodic_checkpoint.auto_insert_metric_name": False})
+        parser.set_defaults(
+            {
+                "periodic_checkpoint.save_top_k": -1,
+                "periodic_checkpoint.every_n_epochs": 5,
+                "periodic_checkpoint.filename": "epoch{epoch}-step{step}",
+                "periodic_checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(TextSampler, "sampler")
 
     def before_instantiate_classes(self) -> None:
@@ -76,9 +88,17 @@ class Qwen3CLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = None, num_samples: int = 1, seed: int | None = None,
-             device: str = "auto") -> list[str]:
+def generate(
+    ckpt_path: str,
+    prompt: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    device: str = "auto",
+) -> list[str]:
     """Writes text from a training checkpoint, printing it as it is produced.
 
     Args:
@@ -110,8 +130,19 @@ def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 100, temper
         if num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        texts.append(generate_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                                   generator, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush())))
+        texts.append(
+            generate_text(
+                model,
+                tokenizer,
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+            )
+        )
         sys.stdout.write("\n")
     return texts
 
@@ -141,7 +172,7 @@ def main(args: list[str] | None = None) -> None:
         from jsonargparse import CLI
 
         try:
-            CLI({"generate": generate, "export": export}, args=args)
+            CLI({"generate": generate, "export": export}, args=args, as_positional=False)
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"error: {err}")
     else:

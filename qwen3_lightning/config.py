@@ -11,18 +11,60 @@ from typing import Any
 # Shapes of the published checkpoints are from their config.json on the Hugging Face Hub
 # (Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B); the small presets are ours, sized for a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=512, num_decoder_layer=6, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, max_position_embeddings=1024),
-    "small": dict(hidden_size=256, intermediate_size=1024, num_decoder_layer=6, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=32, max_position_embeddings=2048),
-    "medium": dict(hidden_size=512, intermediate_size=1536, num_decoder_layer=8, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
-    "large": dict(hidden_size=768, intermediate_size=2304, num_decoder_layer=14, num_attention_heads=12,
-                  num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_decoder_layer=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_decoder_layer=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_decoder_layer=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_decoder_layer=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=2048,
+    ),
+    "medium": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_decoder_layer=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+    ),
+    "large": dict(
+        hidden_size=768,
+        intermediate_size=2304,
+        num_decoder_layer=14,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+    ),
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_decoder_layer=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_decoder_layer=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+    ),
 }
 
 
@@ -60,14 +102,23 @@ class Qwen3Config:
     """Query heads per key/value head; derived."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_decoder_layer",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_decoder_layer",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive integer.")
         if self.head_dim % 2:
-            raise ValueError(f"Qwen3Config.head_dim={self.head_dim} must be even: the rotary embedding "
-                             "rotates pairs of channels.")
+            raise ValueError(
+                f"Qwen3Config.head_dim={self.head_dim} must be even: the rotary embedding rotates pairs of channels."
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"Qwen3Config.num_attention_heads={self.num_attention_heads} is not divisible by "

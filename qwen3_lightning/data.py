@@ -40,8 +40,10 @@ def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"data path {p} does not exist (working directory: {Path.cwd()}). "
-                                    "Pass an existing .txt/.jsonl file or a directory of them.")
+            raise FileNotFoundError(
+                f"data path {p} does not exist (working directory: {Path.cwd()}). "
+                "Pass an existing .txt/.jsonl file or a directory of them."
+            )
     return files
 
 
@@ -50,8 +52,10 @@ def read_text(file: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{file} is not UTF-8 text: byte {err.start} is {raw[err.start:err.start + 1]!r}. "
-                         "Convert it, e.g. `iconv -f GB18030 -t UTF-8 in.txt > out.txt`.") from None
+        raise ValueError(
+            f"{file} is not UTF-8 text: byte {err.start} is {raw[err.start : err.start + 1]!r}. "
+            "Convert it, e.g. `iconv -f GB18030 -t UTF-8 in.txt > out.txt`."
+        ) from None
 
 
 def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
@@ -131,20 +135,37 @@ class TextDataset(Dataset):
     into one stream and cut into full windows, which leaves no padding but the last window's.
     """
 
-    def __init__(self, texts: Sequence[str] | EncodedCorpus, tokenizer: CharTokenizer | None = None,
-                 max_length: int = 256, packing: bool = False) -> None:
+    def __init__(
+        self,
+        texts: Sequence[str] | EncodedCorpus,
+        tokenizer: CharTokenizer | None = None,
+        max_length: int = 256,
+        packing: bool = False,
+    ) -> None:
         if max_length < 2:
-            raise ValueError(f"max_length={max_length} is too short: a training example needs at least 2 "
-                             "tokens (an input and its next-token target).")
+            raise ValueError(
+                f"max_length={max_length} is too short: a training example needs at least 2 "
+                "tokens (an input and its next-token target)."
+            )
         if not isinstance(texts, EncodedCorpus):
             if tokenizer is None:
                 raise ValueError("TextDataset needs a tokenizer to encode raw texts.")
             texts = EncodedCorpus.encode(texts, tokenizer)
         self.corpus, self.max_length = texts, max_length
-        spans = [(0, len(texts.tokens))] if packing else zip(texts.offsets[:-1].tolist(), texts.offsets[1:].tolist())
+        spans = (
+            [(0, len(texts.tokens))]
+            if packing
+            else zip(texts.offsets[:-1].tolist(), texts.offsets[1:].tolist(), strict=True)
+        )
         # windows of max_length + 1 tokens, each starting where the previous one's last target was
-        self.windows = np.array([(s, min(s + max_length + 1, end)) for start, end in spans
-                                 for s in range(start, max(end - 1, start + 1), max_length)], dtype=np.int64)
+        self.windows = np.array(
+            [
+                (s, min(s + max_length + 1, end))
+                for start, end in spans
+                for s in range(start, max(end - 1, start + 1), max_length)
+            ],
+            dtype=np.int64,
+        )
         self.windows = self.windows[self.windows[:, 1] - self.windows[:, 0] >= 2] if len(self.windows) else self.windows
 
     def __len__(self) -> int:
@@ -241,8 +262,10 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if max_length < 2:
-            raise ValueError(f"data.max_length={max_length} is too short: an example needs an input and a "
-                             "target token. Use at least 2 (typically 128-1024).")
+            raise ValueError(
+                f"data.max_length={max_length} is too short: an example needs an input and a "
+                "target token. Use at least 2 (typically 128-1024)."
+            )
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1.")
         if not 0 <= val_split < 1:
@@ -312,11 +335,13 @@ class TextDataModule(L.LightningDataModule):
             self.tokenizer.save(Path(trainer.log_dir) / "tokenizer.json")
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
-        common: dict[str, Any] = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                      pin_memory=torch.cuda.is_available())
+        common: dict[str, Any] = dict(
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available()
+        )
         if self.bucket_by_length:
-            return DataLoader(LengthBuckets(dataset, self.batch_size, self.seed), batch_size=None,
-                              shuffle=shuffle, **common)
+            return DataLoader(
+                LengthBuckets(dataset, self.batch_size, self.seed), batch_size=None, shuffle=shuffle, **common
+            )
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, **common)
 
     def train_dataloader(self) -> DataLoader:

@@ -22,8 +22,13 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ValueError(f"top_p={top_p} must be in (0, 1], or None to keep every token.")
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token id per row of ``logits`` (B, vocab): argmax when ``temperature == 0``, else a draw from the
     softmax at that temperature, restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
     if temperature == 0:
@@ -42,30 +47,49 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def decode_loop(model: Qwen3Transformer, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None, eos_token_id: int | None,
-                attention_mask: torch.Tensor | None, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+def decode_loop(
+    model: Qwen3Transformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | None,
+    attention_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), up to ``max_new_tokens`` times or until all rows met eos."""
     check_sampling_args(temperature, top_k, top_p)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length) with length >= 1; got shape {tuple(input_ids.shape)}. "
-                         "Start an empty prompt with the <bos> token.")
+        raise ValueError(
+            f"input_ids must be (batch, length) with length >= 1; got shape {tuple(input_ids.shape)}. "
+            "Start an empty prompt with the <bos> token."
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0.")
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings={limit}; ask for at most {max(limit - T, 0)} new tokens.")
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={limit}; ask for at most {max(limit - T, 0)} new tokens."
+        )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
-    return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask,
-                   generator)
+    return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask, generator)
 
 
-def _decode(model: Qwen3Transformer, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, eos_token_id: int | None,
-            attention_mask: torch.Tensor | None, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+def _decode(
+    model: Qwen3Transformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | None,
+    attention_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> Iterator[torch.Tensor]:
     from qwen3_lightning.model import KVCache
 
     if max_new_tokens == 0:
@@ -78,8 +102,9 @@ def _decode(model: Qwen3Transformer, input_ids: torch.Tensor, max_new_tokens: in
         # left padding: real tokens count their positions from 0, as transformers' generate does
         mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], dim=1)
         position_ids = (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids, attention_mask=None if mask is None else mask[:, :T], position_ids=position_ids,
-                   cache=cache)[:, -1]
+    logits = model(
+        input_ids, attention_mask=None if mask is None else mask[:, :T], position_ids=position_ids, cache=cache
+    )[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -91,29 +116,43 @@ def _decode(model: Qwen3Transformer, input_ids: torch.Tensor, max_new_tokens: in
             return
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1
-        logits = model(token[:, None], attention_mask=None if mask is None else mask[:, : T + step + 1],
-                       position_ids=position_ids, cache=cache)[:, -1]
+        logits = model(
+            token[:, None],
+            attention_mask=None if mask is None else mask[:, : T + step + 1],
+            position_ids=position_ids,
+            cache=cache,
+        )[:, -1]
 
 
 def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:
     """``<bos>`` followed by the prompt's ids; unknown characters become ``<unk>`` with one warning."""
     unknown = tokenizer.unknown_chars(prompt)
     if unknown:
-        warnings.warn(f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))}",
-                      stacklevel=3)
+        warnings.warn(
+            f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))}", stacklevel=3
+        )
     return [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
 
 
 @torch.no_grad()
-def generate_text(model: Qwen3Transformer, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                  on_text: Callable[[str], None] | None = None) -> str:
+def generate_text(
+    model: Qwen3Transformer,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
     """The continuation of ``prompt`` as text; ``on_text`` gets each new piece as soon as it is decoded."""
     device = model.model.embed_tokens.weight.device
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
     pieces = []
-    for token in model.generate(ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id,
-                                generator=generator, stream=True):
+    for token in model.generate(
+        ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, generator=generator, stream=True
+    ):
         piece = tokenizer.decode(token.tolist())
         pieces.append(piece)
         if on_text is not None:

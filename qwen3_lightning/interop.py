@@ -20,13 +20,17 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
 
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: it is not a transformers model directory. "
-                                "Export one with `python -m qwen3_lightning export`.")
+        raise FileNotFoundError(
+            f"{path} has no config.json: it is not a transformers model directory. "
+            "Export one with `python -m qwen3_lightning export`."
+        )
     config = Qwen3Config.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (PyTorch .bin files are not read: they "
-                                "are pickles that can run code).")
+        raise FileNotFoundError(
+            f"{path} has no *.safetensors weights (PyTorch .bin files are not read: they "
+            "are pickles that can run code)."
+        )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(file))
@@ -37,16 +41,22 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"weights in {path} do not fit a Qwen3 model of its config.json: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}.")
+        raise ValueError(
+            f"weights in {path} do not fit a Qwen3 model of its config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.inv_freq = model.model.rotary_emb._inv_freq()
     return model.to(dtype) if dtype is not None else model
 
 
-def export_pretrained(model: Qwen3Transformer, out_dir: str | Path, tokenizer: CharTokenizer | None = None,
-                      dtype: torch.dtype | None = None) -> Path:
+def export_pretrained(
+    model: Qwen3Transformer,
+    out_dir: str | Path,
+    tokenizer: CharTokenizer | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Writes config.json, model.safetensors and generation_config.json (plus the tokenizer, when given)
     so that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the model."""
     from safetensors.torch import save_file
@@ -60,8 +70,11 @@ def export_pretrained(model: Qwen3Transformer, out_dir: str | Path, tokenizer: C
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     generation = {"do_sample": True, "temperature": 0.8, "top_k": 50}
     if tokenizer is not None:
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         config.update(ids)
         generation.update(ids)
         tokenizer.save(out / "vocab.json")
@@ -80,48 +93,70 @@ def write_hf_tokenizer(tokenizer: CharTokenizer, out: Path) -> None:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i, t in enumerate(tokenizer.id_to_token[:4])
         ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
-                          "invert": False},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
         "post_processor": None,
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": tokenizer.token_to_id, "unk_token": tokenizer.unk_token},
     }
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": tokenizer.pad_token,
-              "unk_token": tokenizer.unk_token, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "model_max_length": 1_000_000,
+        "clean_up_tokenization_spaces": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Qwen3Transformer, CharTokenizer]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Qwen3Transformer, CharTokenizer]:
     """The model and tokenizer of a training checkpoint (``.ckpt``), read without running pickled code."""
     from qwen3_lightning.model import Qwen3Transformer
     from qwen3_lightning.tokenizer import CharTokenizer
 
     path = Path(path)
     if not path.is_file():
-        hint = f" Checkpoints of a run are in <default_root_dir>/checkpoints, e.g. runs/tiny/checkpoints/last.ckpt."
+        hint = " Checkpoints of a run are in <default_root_dir>/checkpoints, e.g. runs/tiny/checkpoints/last.ckpt."
         raise FileNotFoundError(f"checkpoint {path} does not exist.{hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})."
+        ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    vocab = next((v["tokenizer"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v), None) \
-        if isinstance(ckpt, dict) else None
+    vocab = (
+        next((v["tokenizer"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v), None)
+        if isinstance(ckpt, dict)
+        else None
+    )
     if not hparams or "preset" not in hparams or state is None or vocab is None:
-        raise ValueError(f"{path} is not a checkpoint of a qwen3_lightning training run (it lacks the model's "
-                         "hyperparameters, weights or vocabulary).")
-    config = Qwen3Config.from_preset(hparams["preset"], **{**(hparams.get("overrides") or {}),
-                                                           "vocab_size": hparams["vocab_size"]})
+        raise ValueError(
+            f"{path} is not a checkpoint of a qwen3_lightning training run (it lacks the model's "
+            "hyperparameters, weights or vocabulary)."
+        )
+    config = Qwen3Config.from_preset(
+        hparams["preset"], **{**(hparams.get("overrides") or {}), "vocab_size": hparams["vocab_size"]}
+    )
     model = Qwen3Transformer(config)
     prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return model, CharTokenizer.from_dict(vocab, source=str(path))

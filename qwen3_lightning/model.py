@@ -76,12 +76,15 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def allocate(cls, config: Qwen3Config, batch_size: int, max_length: int,
-                 device: torch.device, dtype: torch.dtype) -> KVCache:
+    def allocate(
+        cls, config: Qwen3Config, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
         shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
         n = config.num_decoder_layer
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+        )
 
     @property
     def max_length(self) -> int:
@@ -103,8 +106,14 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
@@ -118,8 +127,9 @@ class Qwen3Attention(nn.Module):
         is_causal = mask is None and T > 1 and (cache is None or cache.length == 0)
         if mask is None and not is_causal and T > 1:
             raise ValueError("a multi-token step after a filled cache needs an explicit mask")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -146,8 +156,14 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -195,8 +211,13 @@ class Qwen3Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for ``input_ids`` (B, T).
 
         ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0, left or right; with a cache it
@@ -222,8 +243,9 @@ class Qwen3Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     @staticmethod
-    def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int,
-                        device: torch.device) -> torch.Tensor | None:
+    def _attention_mask(
+        attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device
+    ) -> torch.Tensor | None:
         """A boolean (B, 1, T, S) mask, True where a query may attend; None when plain causal attention will do."""
         S = past + T
         if attention_mask is None:
@@ -232,8 +254,10 @@ class Qwen3Transformer(nn.Module):
             key_padding = torch.ones(1, S, dtype=torch.bool, device=device)
         else:
             if attention_mask.shape[-1] != S:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S} "
-                                 f"({past} cached + {T} new)")
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S} "
+                    f"({past} cached + {T} new)"
+                )
             key_padding = attention_mask.bool()
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
@@ -243,10 +267,18 @@ class Qwen3Transformer(nn.Module):
         return mask | (k_pos == q_pos)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stream: bool = False):
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        stream: bool = False,
+    ):
         """Continues each prompt by up to ``max_new_tokens`` tokens, with a key/value cache.
 
         ``temperature=0`` is greedy. Prompts of different lengths are left-padded with ``attention_mask``
@@ -255,8 +287,9 @@ class Qwen3Transformer(nn.Module):
         """
         from qwen3_lightning.generation import decode_loop
 
-        steps = decode_loop(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                            attention_mask, generator)
+        steps = decode_loop(
+            self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask, generator
+        )
         if stream:
             return steps
         new = list(steps)
@@ -278,4 +311,3 @@ def flops_per_token(config: Qwen3Config, seq_len: int, num_params: int) -> float
     matmul_params = num_params - embedding * (0 if config.tie_word_embeddings else 1)
     attention = 12 * config.num_decoder_layer * config.num_attention_heads * config.head_dim * seq_len
     return 6 * matmul_params + attention
-

@@ -65,8 +65,10 @@ class Qwen3LightningModule(L.LightningModule):
         # the config is checked here, at construction, so a bad value fails before any data or weights load
         self.config = Qwen3Config.from_preset(preset, **{**(overrides or {}), "vocab_size": vocab_size})
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
-            raise ValueError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
-                             f"{learning_rate}, min_lr={min_lr}.")
+            raise ValueError(
+                f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
+                f"{learning_rate}, min_lr={min_lr}."
+            )
         if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
         self.save_hyperparameters(ignore=["criterion"])
@@ -154,7 +156,10 @@ class Qwen3LightningModule(L.LightningModule):
             fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not self._is_sharded()
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            fused=fused or None,
         )
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
@@ -162,7 +167,8 @@ class Qwen3LightningModule(L.LightningModule):
         warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
         min_ratio = hp.min_lr / hp.learning_rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, int(total), min_ratio))
+            optimizer, lambda step: warmup_cosine(step, warmup, int(total), min_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _is_sharded(self) -> bool:

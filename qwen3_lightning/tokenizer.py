@@ -86,8 +86,13 @@ class CharTokenizer:
         return {c for c in text if c not in self.token_to_id}
 
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "version": 1, "min_freq": self.min_freq,
-                "max_vocab_size": self.max_vocab_size, "vocab": self.id_to_token}
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "min_freq": self.min_freq,
+            "max_vocab_size": self.max_vocab_size,
+            "vocab": self.id_to_token,
+        }
 
     @classmethod
     def from_dict(cls, state: dict, source: str = "the state") -> CharTokenizer:

@@ -19,9 +19,7 @@ def test_preset_parameter_counts(name):
     assert abs(n - TARGET_PARAMS[name]) / TARGET_PARAMS[name] <= 0.25, n
 
 
-@pytest.mark.parametrize(
-    ("name", "hidden", "inter"), [("qwen3-0.6b", 1024, 3072), ("qwen3-1.7b", 2048, 6144)]
-)
+@pytest.mark.parametrize(("name", "hidden", "inter"), [("qwen3-0.6b", 1024, 3072), ("qwen3-1.7b", 2048, 6144)])
 def test_published_shapes(name, hidden, inter):
     c = Qwen3Config.from_preset(name, vocab_size=5000)
     assert (c.hidden_size, c.intermediate_size, c.num_decoder_layer) == (hidden, inter, 28)
@@ -53,7 +51,10 @@ def test_num_key_value_groups_is_derived():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"num_attention_heads": 6, "num_key_value_heads": 4}, "num_attention_heads=6 is not divisible by num_key_value_heads=4"),
+        (
+            {"num_attention_heads": 6, "num_key_value_heads": 4},
+            "num_attention_heads=6 is not divisible by num_key_value_heads=4",
+        ),
         ({"head_dim": 31}, "head_dim=31 must be even"),
         ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
         ({"vocab_size": -5}, "vocab_size=-5"),
@@ -79,7 +80,9 @@ def test_hf_config_round_trip(name):
 def test_hf_config_reads_rope_theta_from_either_place():
     d = Qwen3Config.from_preset("tiny").to_hf_config()
     old = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rope_theta": 12345.0}
-    new = {k: v for k, v in d.items() if k != "rope_theta"} | {"rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}
+    new = {k: v for k, v in d.items() if k != "rope_theta"} | {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}
+    }
     assert Qwen3Config.from_hf_config(old).rope_theta == 12345.0
     assert Qwen3Config.from_hf_config(new).rope_theta == 777.0
 

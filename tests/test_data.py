@@ -604,11 +604,16 @@ def test_cache_dir_is_keyed_by_text_and_vocabulary(zh_docs, tmp_path):
     cache = tmp_path / "cache"
     a = TextDataModule(texts=zh_docs, val_split=0, max_length=64, cache_dir=str(cache))
     n_files = len(list(cache.iterdir()))
-    changed = [*zh_docs[:-1], zh_docs[-1] + "改"]
-    b = TextDataModule(texts=changed, val_split=0, max_length=64, cache_dir=str(cache))
+    reordered = [zh_docs[-1], *zh_docs[:-1]]  # the same vocabulary, other text
+    b = TextDataModule(texts=reordered, val_split=0, max_length=64, cache_dir=str(cache))
+    assert b.tokenizer == a.tokenizer
     assert len(list(cache.iterdir())) == 2 * n_files
-    assert sorted(docs_in(b.train_dataset, b.tokenizer)) == sorted(changed)
-    assert sorted(docs_in(a.train_dataset, a.tokenizer)) == sorted(zh_docs)
+    assert docs_in(b.train_dataset, b.tokenizer) == reordered
+    grown = [*zh_docs[:-1], zh_docs[-1] + "改"]  # other text, other vocabulary
+    c = TextDataModule(texts=grown, val_split=0, max_length=64, cache_dir=str(cache))
+    assert len(list(cache.iterdir())) == 3 * n_files
+    assert docs_in(c.train_dataset, c.tokenizer) == grown
+    assert docs_in(a.train_dataset, a.tokenizer) == zh_docs
 
 
 def test_bundled_sample_corpus_is_the_default():

@@ -8,8 +8,16 @@ from qwen3_lightning.tokenizer import CharTokenizer
 
 transformers = pytest.importorskip("transformers")
 
-CONFIG = Qwen3Config(vocab_size=83, hidden_size=64, intermediate_size=128, num_decoder_layer=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+CONFIG = Qwen3Config(
+    vocab_size=83,
+    hidden_size=64,
+    intermediate_size=128,
+    num_decoder_layer=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +34,14 @@ def pair():
 def test_greedy_equals_transformers(pair):
     hf, ours = pair
     prompt = torch.randint(4, 83, (1, 7))
-    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, min_new_tokens=30,
-                           do_sample=False, pad_token_id=0)
+    expected = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=30,
+        min_new_tokens=30,
+        do_sample=False,
+        pad_token_id=0,
+    )
     actual = ours.generate(prompt, 30, temperature=0)
     assert len(set(actual[0, 7:].tolist())) > 3  # a real sequence, not one repeated token
     assert torch.equal(actual, expected)
@@ -40,8 +54,9 @@ def test_left_padded_batch_equals_transformers(pair):
     mask = torch.zeros(3, 9, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, 9 - len(p) :], mask[i, 9 - len(p) :] = p, 1
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                           pad_token_id=0)
+    expected = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+    )
     actual = ours.generate(ids, 20, temperature=0, attention_mask=mask)
     assert torch.equal(actual, expected)
     for i, p in enumerate(prompts):  # and each row as if it were alone
@@ -76,8 +91,12 @@ def test_sampling_filters():
     # softmax of [4, 3, 2, ...]: 0.64, 0.24, 0.09, ... the nucleus of 0.8 is the first two tokens
     draws = {sample_next_token(logits, 1.0, top_p=0.8, generator=gen).item() for _ in range(300)}
     assert draws == {0, 1}
-    counts = torch.bincount(torch.stack([sample_next_token(logits, 1.0, generator=gen) for _ in range(4000)])[:, 0],
-                            minlength=5).float() / 4000
+    counts = (
+        torch.bincount(
+            torch.stack([sample_next_token(logits, 1.0, generator=gen) for _ in range(4000)])[:, 0], minlength=5
+        ).float()
+        / 4000
+    )
     torch.testing.assert_close(counts, logits.softmax(-1)[0], atol=0.03, rtol=0)
 
 

@@ -14,8 +14,16 @@ TEXT = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡�
 
 
 def small_config(**fields) -> Qwen3Config:
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_decoder_layer=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_decoder_layer=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     return Qwen3Config(**{**base, **fields})
 
 
@@ -26,7 +34,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
     ours = Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size, tie_word_embeddings=tied)).eval()
     export_pretrained(ours, tmp_path, tokenizer)
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "vocab.json"} <= {
-        p.name for p in tmp_path.iterdir()}
+        p.name for p in tmp_path.iterdir()
+    }
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "Qwen3ForCausalLM"
     x = torch.tensor([tokenizer.encode(TEXT, add_special_tokens=True)])
@@ -76,7 +85,7 @@ def test_export_in_bfloat16(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         Qwen3Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(small_config().to_hf_config()))
     with pytest.raises(FileNotFoundError, match=r"no \*.safetensors"):

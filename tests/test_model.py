@@ -9,10 +9,23 @@ transformers = pytest.importorskip("transformers")
 # multi-head, GQA 2:1 and 4:1, head_dim unlike hidden/heads, tied and untied, with and without bias
 SHAPES = {
     "mha-tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
-    "gqa2-untied-bias": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                             tie_word_embeddings=False, attention_bias=True),
-    "gqa4-wide-heads": dict(hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                            tie_word_embeddings=False, rope_theta=10_000.0, rms_norm_eps=1e-5),
+    "gqa2-untied-bias": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    ),
+    "gqa4-wide-heads": dict(
+        hidden_size=48,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
@@ -122,8 +135,15 @@ def test_cache_overflow_is_refused():
 
 
 def test_initialization_follows_transformers():
-    config = make_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         intermediate_size=512, attention_bias=True, initializer_range=0.05)
+    config = make_config(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        attention_bias=True,
+        initializer_range=0.05,
+    )
     ours = Qwen3Transformer(config)
     for name, p in ours.named_parameters():
         if "norm" in name:

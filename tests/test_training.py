@@ -1,4 +1,5 @@
 import csv
+import itertools
 import math
 import subprocess
 import sys
@@ -14,9 +15,20 @@ from qwen3_lightning.data import TextDataModule, collate
 from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-POEMS = ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。", "床前明月光，疑是地上霜。", "举头望明月，低头思故乡。",
-         "白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。", "红豆生南国，春来发几枝。", "愿君多采撷，此物最相思。"]
-TINY = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16}"
+POEMS = [
+    "春眠不觉晓，处处闻啼鸟。",
+    "夜来风雨声，花落知多少。",
+    "床前明月光，疑是地上霜。",
+    "举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。",
+    "欲穷千里目，更上一层楼。",
+    "红豆生南国，春来发几枝。",
+    "愿君多采撷，此物最相思。",
+]
+TINY = (
+    "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, "
+    "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16}"
+)
 
 
 @pytest.fixture
@@ -27,10 +39,28 @@ def corpus(tmp_path) -> Path:
 
 
 def cli_args(corpus: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
-            "--data.val_split", "0.25", "--data.batch_size", "4", "--model.overrides", TINY,
-            "--model.warmup_steps", "3", "--trainer.default_root_dir", str(root),
-            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra]
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--data.train_path",
+        str(corpus),
+        "--data.val_split",
+        "0.25",
+        "--data.batch_size",
+        "4",
+        "--model.overrides",
+        TINY,
+        "--model.warmup_steps",
+        "3",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        *extra,
+    ]
 
 
 def read_metrics(root: Path, version: int = 0) -> list[dict[str, str]]:
@@ -45,15 +75,20 @@ def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
 def test_warmup_cosine_shape():
     values = [warmup_cosine(s, 10, 110, 0.1) for s in range(130)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(values[:10], values[1:10], strict=False))
-    assert all(a >= b for a, b in zip(values[10:110], values[11:111], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(values[9:]))
     assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1) and values[129] == pytest.approx(0.1)
 
 
 def test_fit_through_python_m_and_resume(corpus, tmp_path):
     root = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "qwen3_lightning", *cli_args(corpus, root, "--trainer.max_steps", "8")],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen3_lightning", *cli_args(corpus, root, "--trainer.max_steps", "8")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpts = {p.name for p in (root / "checkpoints").iterdir()}
     assert {"last.ckpt", "best.ckpt"} <= ckpts
@@ -73,8 +108,20 @@ def test_fit_through_python_m_and_resume(corpus, tmp_path):
 
 def test_learning_rate_follows_warmup_then_cosine(corpus, tmp_path):
     root = tmp_path / "run"
-    main(cli_args(corpus, root, "--trainer.max_steps", "20", "--model.learning_rate", "1e-3",
-                  "--model.min_lr", "1e-4", "--model.warmup_steps", "5"))
+    main(
+        cli_args(
+            corpus,
+            root,
+            "--trainer.max_steps",
+            "20",
+            "--model.learning_rate",
+            "1e-3",
+            "--model.min_lr",
+            "1e-4",
+            "--model.warmup_steps",
+            "5",
+        )
+    )
     lrs = dict(column(read_metrics(root), "lr-AdamW/pg1"))
     assert sorted(lrs) == list(range(20))
     for step, lr in lrs.items():
@@ -83,8 +130,16 @@ def test_learning_rate_follows_warmup_then_cosine(corpus, tmp_path):
 
 
 def test_custom_criterion_from_the_command_line(corpus, tmp_path):
-    cli = Qwen3CLI(args=cli_args(corpus, tmp_path / "run", "--trainer.max_steps", "1", "--model.criterion",
-                                 "{class_path: torch.nn.CrossEntropyLoss, init_args: {label_smoothing: 0.2}}"))
+    cli = Qwen3CLI(
+        args=cli_args(
+            corpus,
+            tmp_path / "run",
+            "--trainer.max_steps",
+            "1",
+            "--model.criterion",
+            "{class_path: torch.nn.CrossEntropyLoss, init_args: {label_smoothing: 0.2}}",
+        )
+    )
     assert isinstance(cli.model.criterion, torch.nn.CrossEntropyLoss)
     assert cli.model.criterion.label_smoothing == 0.2
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
@@ -102,10 +157,21 @@ def test_every_config_parses(config, tmp_path, capsys):
 
 def test_plain_trainer_without_the_cli(tmp_path):
     data = TextDataModule(texts=POEMS * 4, val_split=0.25, max_length=32, batch_size=4)
-    model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2, "hidden_size": 64},
-                                 vocab_size=data.vocab_size, learning_rate=3e-3, warmup_steps=2)
-    trainer = L.Trainer(max_steps=30, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    model = Qwen3LightningModule(
+        preset="tiny",
+        overrides={"num_decoder_layer": 2, "hidden_size": 64},
+        vocab_size=data.vocab_size,
+        learning_rate=3e-3,
+        warmup_steps=2,
+    )
+    trainer = L.Trainer(
+        max_steps=30,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     start = trainer.validate(model, data, verbose=False)[0]["val_loss"]
     trainer.fit(model, data)
     end = trainer.callback_metrics["val_loss"].item()
@@ -118,10 +184,23 @@ def test_overfits_one_batch():
     L.seed_everything(0)
     data = TextDataModule(texts=POEMS[:4], val_split=0, max_length=32, batch_size=4)
     batch = collate([data.train_dataset[i] for i in range(4)])
-    model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size,
-                                 learning_rate=5e-3, min_lr=5e-3, warmup_steps=0, weight_decay=0.0)
-    trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+    model = Qwen3LightningModule(
+        preset="tiny",
+        overrides={"num_decoder_layer": 2},
+        vocab_size=data.vocab_size,
+        learning_rate=5e-3,
+        min_lr=5e-3,
+        warmup_steps=0,
+        weight_decay=0.0,
+    )
+    trainer = L.Trainer(
+        max_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, torch.utils.data.DataLoader([batch], batch_size=None))  # the same batch every step
     # the first character after <bos> differs between the poems and cannot be memorized; the rest can
     batch["labels"][:, 0] = -100

@@ -1,0 +1,127 @@
+"""The generate and export subcommands, on a checkpoint of a short CLI run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3_lightning.cli import main
+from qwen3_lightning.interop import load_checkpoint
+from qwen3_lightning.model import Qwen3Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+POEMS = "\n\n".join(
+    ["春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。", "床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"] * 4
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    corpus = tmp / "poems.txt"
+    corpus.write_text(POEMS, encoding="utf-8")
+    overrides = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--data.train_path",
+            str(corpus),
+            "--data.val_split",
+            "0.25",
+            "--model.overrides",
+            overrides,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    return tmp / "checkpoints" / "last.ckpt"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen3_lightning", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_prints_seeded_samples(checkpoint):
+    args = [
+        "generate",
+        "--ckpt_path",
+        str(checkpoint),
+        "--prompt",
+        "春眠",
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top_k",
+        "5",
+        "--num_samples",
+        "2",
+        "--seed",
+        "0",
+    ]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == second.stdout  # same seed, same text
+    samples = [line for line in first.stdout.splitlines() if line.startswith("春眠")]
+    assert len(samples) == 2 and first.stdout.count("--- sample") == 2
+    _, tokenizer = load_checkpoint(checkpoint)
+    assert all(c in tokenizer.token_to_id for s in samples for c in s)
+
+
+def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
+    from qwen3_lightning.cli import generate
+
+    texts = generate(str(checkpoint), prompt="床前", max_new_tokens=8, temperature=0, device="cpu")
+    model, tokenizer = load_checkpoint(checkpoint)
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("床前")]])
+    expected = model.eval().generate(ids, 8, temperature=0, eos_token_id=tokenizer.eos_token_id)
+    assert texts == [tokenizer.decode(expected[0, 3:].tolist())]
+    assert "床前" + texts[0] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ckpt_path", "missing.ckpt"], "checkpoint missing.ckpt does not exist"),
+        (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+        (["--max_new_tokens", "500"], "exceeds the model's max_position_embeddings=64"),
+    ],
+)
+def test_generate_refuses_bad_input_clearly(checkpoint, args, message):
+    # main() turns these errors into an exit with the message alone, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_path", str(checkpoint), *args])
+    assert message in str(exit_info.value.code)
+
+
+def test_generate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    result = run_cli("generate", "--ckpt_path", str(bad))
+    assert result.returncode != 0 and "not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_then_load_in_transformers(checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    main(["export", "--ckpt_path", str(checkpoint), "--out_dir", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours, tokenizer = load_checkpoint(checkpoint)
+    ids = tok("<bos>春眠不觉晓", return_tensors="pt", add_special_tokens=False).input_ids
+    assert ids[0].tolist() == [tokenizer.bos_token_id, *tokenizer.encode("春眠不觉晓")]
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids)).abs().max() <= 1e-5
+    config = json.loads((tmp_path / "hf/generation_config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.eos_token_id
+    back = Qwen3Transformer.from_pretrained(tmp_path / "hf")
+    assert torch.equal(back.lm_head.weight, ours.lm_head.weight)
