@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -111,3 +111,33 @@ class TextSampler(L.Callback):
             if hasattr(experiment, "add_text"):
                 body = "\n\n".join(f"**{r['prompt']}**{r['text']}" for r in records)
                 experiment.add_text("samples", body, global_step=trainer.global_step)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the ``predict`` subcommand's generations as JSON lines, ``{"prompt": ..., "text": ...}``.
+
+    Args:
+        output_path: the file to write; default ``predictions.jsonl`` in the run's log folder. Under several
+            processes each writes its own file, with the rank before the suffix.
+    """
+
+    def __init__(self, output_path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = output_path
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        return path.with_stem(f"{path.stem}.rank{trainer.global_rank}") if trainer.world_size > 1 else path
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("", encoding="utf-8")
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        with self._path(trainer).open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in prediction)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"wrote the generations to {self._path(trainer)}")

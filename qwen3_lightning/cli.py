@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from qwen3_lightning.callbacks import Checkpoint, TextSampler, TokenThroughput
+from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule
 
@@ -66,12 +66,13 @@ class Qwen3CLI(LightningCLI):
         parser.set_defaults(
             {
                 "periodic_checkpoint.save_top_k": -1,
-                "periodic_checkpoint.every_n_epochs": 5,
+                "periodic_checkpoint.every_n_epochs": 20,
                 "periodic_checkpoint.filename": "epoch{epoch}-step{step}",
                 "periodic_checkpoint.auto_insert_metric_name": False,
             }
         )
         parser.add_lightning_class_args(TextSampler, "sampler")
+        parser.add_lightning_class_args(PredictionWriter, "predict_writer")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -238,6 +238,7 @@ class TextDataModule(L.LightningDataModule):
         bucket_by_length: batch examples of similar length together, to cut padding.
         packing: join documents with ``<eos>`` into full windows: no padding at all.
         cache_dir: keep the encoded corpus there as NumPy files, memory-mapped on later runs.
+        predict_path: a text file of prompts, one per line, for the ``predict`` subcommand.
         tokenizer_path: use this saved vocabulary (a ``tokenizer.json`` of an earlier run) instead of building
             one from the training split; characters it lacks become ``<unk>``.
     """
@@ -258,6 +259,7 @@ class TextDataModule(L.LightningDataModule):
         bucket_by_length: bool = False,
         packing: bool = False,
         cache_dir: str | None = None,
+        predict_path: str | None = None,
         tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
@@ -277,6 +279,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.predict_path = predict_path
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
@@ -349,6 +352,27 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_path is None:
+            raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
+        prompts = [line.strip() for line in read_text(find_text_files(self.predict_path)[0]).splitlines()]
+        prompts = [p for p in prompts if p]
+        if not prompts:
+            raise ValueError(f"{self.predict_path} holds no prompt: write one prompt per line.")
+        return DataLoader(prompts, batch_size=self.batch_size, collate_fn=self.collate_prompts)
+
+    def collate_prompts(self, prompts: list[str]) -> dict[str, Any]:
+        """Prompts after ``<bos>``, left-padded for batched generation."""
+        from qwen3_lightning.generation import encode_prompt
+
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        width = max(map(len, encoded))
+        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids) :], attention_mask[i, width - len(ids) :] = torch.tensor(ids), 1
+        return {"prompts": prompts, "input_ids": input_ids, "attention_mask": attention_mask}
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer.to_dict()}

@@ -43,6 +43,8 @@ class Qwen3LightningModule(L.LightningModule):
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: compile the model with ``torch.compile``.
+        generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``
+            (default ``{max_new_tokens: 100, temperature: 0.8, top_k: 50}``).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Qwen3LightningModule(L.LightningModule):
         criterion: nn.Module | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # the config is checked here, at construction, so a bad value fails before any data or weights load
@@ -71,7 +74,9 @@ class Qwen3LightningModule(L.LightningModule):
             )
         if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
-        self.save_hyperparameters(ignore=["criterion"])
+        # generate_kwargs stays out of the checkpoint: LightningCLI would let saved values override the flags
+        self.save_hyperparameters(ignore=["criterion", "generate_kwargs"])
+        self.generate_kwargs = generate_kwargs or {}
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.model: Qwen3Transformer | None = None
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -144,6 +149,15 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log("test_ppl", torch.exp(self.test_loss.compute()))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        kwargs = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50, **self.generate_kwargs}
+        ids = self.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  eos_token_id=tokenizer.eos_token_id, **kwargs)
+        new = ids[:, batch["input_ids"].shape[1] :].tolist()
+        return [{"prompt": p, "text": tokenizer.decode(t)} for p, t in zip(batch["prompts"], new, strict=True)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

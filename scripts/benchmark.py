@@ -54,18 +54,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sections", default="train,decode,data", help=f"comma-separated, of {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, short sequences, a few steps")
     p.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
-    p.add_argument("--vocab-size", type=int, default=6000,
-                   help="vocabulary of the synthetic batches; 6000 is about a Chinese character vocabulary "
-                        "(zh_fortunes.txt has 5969 distinct characters plus specials)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=6000,
+        help="vocabulary of the synthetic batches; 6000 is about a Chinese character vocabulary "
+        "(zh_fortunes.txt has 5969 distinct characters plus specials)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per training example (default: 256; 64 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per case (default: 10; 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, at least 1 (default: 2; 1 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 256; --quick: 64)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, >= 1 (default 2; --quick: 1)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
-    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default: 200; 16 with --quick)")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default 200; --quick: 16)")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--decode-repeats", type=int, default=None, help="timed decodes per case, median kept (default: 3)")
+    p.add_argument(
+        "--decode-repeats", type=int, default=None, help="timed decodes per case, median kept (default 3; --quick: 1)"
+    )
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="UTF-8 text for the data section")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,8 +80,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    for name, full, small in (("preset", "small", "tiny"), ("seq_len", 256, 64), ("steps", 10, 2), ("warmup", 2, 1),
-                              ("new_tokens", 200, 16), ("decode_repeats", 3, 1)):
+    for name, full, small in (
+        ("preset", "small", "tiny"),
+        ("seq_len", 256, 64),
+        ("steps", 10, 2),
+        ("warmup", 2, 1),
+        ("new_tokens", 200, 16),
+        ("decode_repeats", 3, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -204,9 +216,14 @@ def random_batches(config: Qwen3Config, args: argparse.Namespace, n: int = 4) ->
     """Fixed random batches without padding, shaped like the DataModule's."""
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, args.seq_len)
-    return [{"input_ids": torch.randint(4, config.vocab_size, shape, generator=g),
-             "labels": torch.randint(4, config.vocab_size, shape, generator=g),
-             "attention_mask": torch.ones(shape, dtype=torch.long)} for _ in range(n)]
+    return [
+        {
+            "input_ids": torch.randint(4, config.vocab_size, shape, generator=g),
+            "labels": torch.randint(4, config.vocab_size, shape, generator=g),
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+        }
+        for _ in range(n)
+    ]
 
 
 def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -218,9 +235,13 @@ def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
-def time_plain_loop(model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace,
-                    device: torch.device) -> list[float]:
+def time_plain_loop(
+    model: nn.Module,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> list[float]:
     """Seconds of each timed step: forward, cross-entropy, backward, AdamW step, zero_grad."""
     model.to(device).train()
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
@@ -260,25 +281,35 @@ class StepTimer(L.Callback):
         self.device = device
         self.ends: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         sync(self.device)
         self.ends.append(time.perf_counter())
 
 
-def time_trainer(batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device,
-                 compile: bool) -> list[float]:
+def time_trainer(
+    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, compile: bool
+) -> list[float]:
     from qwen3_lightning.module import Qwen3LightningModule
 
     module = Qwen3LightningModule(preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile)
     timer = StepTimer(device)
     total = args.warmup + args.steps
-    trainer = L.Trainer(max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="gpu" if device.type == "cuda" else "cpu",
-                        devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
-                        callbacks=[timer], num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, DataLoader(FixedBatches(batches, total), batch_size=None))
-    return [b - a for a, b in zip(timer.ends, timer.ends[1:])][-args.steps :]
+    return [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)][-args.steps :]
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -323,8 +354,17 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--threads", str(torch.get_num_threads()),
-               "--case", name, "--case-out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *argv,
+            "--threads",
+            str(torch.get_num_threads()),
+            "--case",
+            name,
+            "--case-out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             print(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -332,8 +372,9 @@ def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def train_section(args: argparse.Namespace, argv: list[str], device: torch.device,
-                  peak: float | None) -> tuple[dict[str, Any], str]:
+def train_section(
+    args: argparse.Namespace, argv: list[str], device: torch.device, peak: float | None
+) -> tuple[dict[str, Any], str]:
     config = model_config(args)
     n_params = num_parameters(config)
     flops = flops_per_token(config, args.seq_len, n_params)
@@ -344,7 +385,7 @@ def train_section(args: argparse.Namespace, argv: list[str], device: torch.devic
         print(f"[train] {CASES[name]} ...", file=sys.stderr, flush=True)
         r = spawn_case(name, argv)
         if "step_s" in r:
-            r["median_step_s"] = statistics.median(r["step_s"])
+            r["median_step_s"], r["min_step_s"] = statistics.median(r["step_s"]), min(r["step_s"])
             r["tokens_per_s"] = tokens / r["median_step_s"]
             r["mfu"] = r["tokens_per_s"] * flops / peak if peak else None
             r["rss_increase_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]
@@ -359,12 +400,29 @@ def train_section(args: argparse.Namespace, argv: list[str], device: torch.devic
         if "error" in r:
             rows.append([CASES[name], "failed", *[None] * 6])
             continue
-        rows.append([CASES[name], r["tokens_per_s"], r["median_step_s"] * 1000,
-                     100 * r["mfu"] if r["mfu"] is not None else None, r["peak_rss_mb"], r.get(memory),
-                     ratio(r["tokens_per_s"], tps("ours")), ratio(r.get(memory), cases["ours"].get(memory))])
+        rows.append(
+            [
+                CASES[name],
+                r["tokens_per_s"],
+                r["median_step_s"] * 1000,
+                100 * r["mfu"] if r["mfu"] is not None else None,
+                r["peak_rss_mb"],
+                r.get(memory),
+                ratio(r["tokens_per_s"], tps("ours")),
+                ratio(r.get(memory), cases["ours"].get(memory)),
+            ]
+        )
     memory_label = "peak CUDA MB" if device.type == "cuda" else "RSS increase MB"
-    headers = ["case", "tokens/s", "ms/step (median)", "MFU %", "peak RSS MB (process)", memory_label,
-               "speed vs ours plain", "memory vs ours plain"]
+    headers = [
+        "case",
+        "tokens/s",
+        "ms/step (median)",
+        "MFU %",
+        "peak RSS MB (process)",
+        memory_label,
+        "speed vs ours plain",
+        "memory vs ours plain",
+    ]
     table = markdown_table(headers, rows)
     result = {"num_parameters": n_params, "flops_per_token": flops, "tokens_per_step": tokens, "cases": cases}
     return result, table
@@ -405,15 +463,21 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
             return ours.generate(prompt, k, temperature=0)
 
         def run_hf(k: int, prompt: torch.Tensor = prompt, mask: torch.Tensor = mask) -> torch.Tensor:
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                               pad_token_id=0)
+            return hf.generate(
+                prompt, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0
+            )
 
         run_ours(8), run_hf(8)  # warm up
         t_ours, out_ours = timed(lambda f=run_ours: f(n), device, args.decode_repeats)
         t_hf, out_hf = timed(lambda f=run_hf: f(n), device, args.decode_repeats)
         same = out_ours.shape == out_hf.shape and bool(torch.equal(out_ours, out_hf))
-        r = {"ours_tokens_per_s": batch * n / t_ours, "hf_tokens_per_s": batch * n / t_hf,
-             "ours_s": t_ours, "hf_s": t_hf, "greedy_outputs_equal": same}
+        r = {
+            "ours_tokens_per_s": batch * n / t_ours,
+            "hf_tokens_per_s": batch * n / t_hf,
+            "ours_s": t_ours,
+            "hf_s": t_hf,
+            "greedy_outputs_equal": same,
+        }
         r["ours_over_hf"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
         results[f"batch_{batch}"] = r
         rows.append([batch, r["ours_tokens_per_s"], r["hf_tokens_per_s"], r["ours_over_hf"], same])
@@ -439,28 +503,41 @@ def data_section(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
         times.append(time.perf_counter() - start)
     chars_per_s = len(text) / min(times)
     modes = {"padded to longest": {}, "bucket_by_length": {"bucket_by_length": True}, "packing": {"packing": True}}
-    results: dict[str, Any] = {"corpus": str(args.corpus), "characters": len(text), "vocab_size": tokenizer.vocab_size,
-                               "tokenizer_chars_per_s": chars_per_s, "modes": {}}
+    results: dict[str, Any] = {
+        "corpus": str(args.corpus),
+        "characters": len(text),
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_chars_per_s": chars_per_s,
+        "modes": {},
+    }
     rows = []
     for mode, kwargs in modes.items():
         print(f"[data] {mode} ...", file=sys.stderr, flush=True)
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        dm = TextDataModule(train_path=str(args.corpus), val_split=0, max_length=args.seq_len,
-                            batch_size=args.batch_size, **kwargs)
+        dm = TextDataModule(
+            train_path=str(args.corpus), val_split=0, max_length=args.seq_len, batch_size=args.batch_size, **kwargs
+        )
         setup_s = time.perf_counter() - start
         real = computed = batches = 0
         for batch in dm.train_dataloader():
             real += int(batch["attention_mask"].sum())
             computed += batch["input_ids"].numel()
             batches += 1
-        r = {"batches": batches, "real_tokens": real, "computed_tokens": computed, "real_fraction": real / computed,
-             "datamodule_setup_s": setup_s}
+        r = {
+            "batches": batches,
+            "real_tokens": real,
+            "computed_tokens": computed,
+            "real_fraction": real / computed,
+            "datamodule_setup_s": setup_s,
+        }
         results["modes"][mode] = r
         rows.append([mode, batches, computed, 100 * r["real_fraction"], setup_s])
     headers = ["batching", "batches/epoch", "computed tokens", "real (non-padding) %", "DataModule setup s"]
-    intro = (f"Tokenizer (build_vocab + encode of {len(text):,} characters, best of 3): "
-             f"{chars_per_s:,.0f} characters/s; vocabulary {tokenizer.vocab_size}.")
+    intro = (
+        f"Tokenizer (build_vocab + encode of {len(text):,} characters, best of 3): "
+        f"{chars_per_s:,.0f} characters/s; vocabulary {tokenizer.vocab_size}."
+    )
     return results, intro + "\n\n" + markdown_table(headers, rows)
 
 
@@ -479,25 +556,32 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device()
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {"machine": machine_info(device)}
-    report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                          if k not in ("case", "case_out")}
+    report["settings"] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("case", "case_out")
+    }
     m = report["machine"]
-    print(f"# qwen3_lightning benchmark\n\n{m['date']}; {m['device']} ({m['device_type']}), {m['threads']} threads; "
-          f"torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}; "
-          f"load average at start {m['load_average_at_start'][0]:.2f}.\n")
+    print(
+        f"# qwen3_lightning benchmark\n\n{m['date']}; {m['device']} ({m['device_type']}), {m['threads']} threads; "
+        f"torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}; "
+        f"load average at start {m['load_average_at_start'][0]:.2f}.\n"
+    )
     ratios: dict[str, float | None] = {}
     if "train" in args.sections:
         peak, source = peak_flops(device, args.quick)
         report["peak_flops"], report["peak_flops_source"] = peak, source
         train, table = train_section(args, argv, device, peak)
         report["train"] = train
-        print(f"## Training: preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, vocabulary "
-              f"{args.vocab_size}, {'bf16-mixed' if device.type == 'cuda' else 'float32'}, "
-              f"{'fused' if args.fused else 'default (foreach)'} AdamW\n")
-        print(f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
-              f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Median of {args.steps} "
-              f"steps after {args.warmup} warmup. Each case runs in its own process; its RSS increase is its peak "
-              "RSS minus the RSS after imports.\n")
+        print(
+            f"## Training: preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, vocabulary "
+            f"{args.vocab_size}, {'bf16-mixed' if device.type == 'cuda' else 'float32'}, "
+            f"{'fused' if args.fused else 'default (foreach)'} AdamW\n"
+        )
+        print(
+            f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
+            f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Median of {args.steps} "
+            f"steps after {args.warmup} warmup. Each case runs in its own process; its RSS increase is its peak "
+            "RSS minus the RSS after imports.\n"
+        )
         print(table + "\n")
         cases = train["cases"]
 
@@ -513,9 +597,11 @@ def main(argv: list[str] | None = None) -> None:
     if "decode" in args.sections:
         decode, table = decode_section(args, device)
         report["decode"] = decode
-        print(f"## Greedy decoding: preset {args.preset}, prompt {args.prompt_len} tokens, {args.new_tokens} new "
-              f"tokens, {'bf16' if device.type == 'cuda' else 'float32'}, median of {args.decode_repeats} "
-              "(tokens/s counts new tokens of all rows; the prompt's prefill is included in the time)\n")
+        print(
+            f"## Greedy decoding: preset {args.preset}, prompt {args.prompt_len} tokens, {args.new_tokens} new "
+            f"tokens, {'bf16' if device.type == 'cuda' else 'float32'}, median of {args.decode_repeats} "
+            "(tokens/s counts new tokens of all rows; the prompt's prefill is included in the time)\n"
+        )
         print(table + "\n")
         for key, r in decode.items():
             ratios[f"decode {key.replace('_', ' ')}: ours / transformers (tokens/s)"] = r["ours_over_hf"]

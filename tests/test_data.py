@@ -377,7 +377,7 @@ def test_length_buckets_cover_every_example_once(mixed_dataset, batch_size):
     for b in range(len(buckets)):
         batch = buckets[b]
         assert 1 <= batch["input_ids"].shape[0] <= batch_size
-        for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             seen[tuple(row[mask.bool()].tolist())] += 1
     expected = Counter(tuple(x) for x, _ in items(ds))
     assert seen == expected
@@ -565,7 +565,7 @@ def test_tokenizer_path_uses_the_saved_vocabulary(zh_docs, tmp_path):
     unknown = sum(c not in first.tokenizer.token_to_id for d in [*zh_docs, new_text] for c in d)
     encoded = [t for x, _ in items(dm.train_dataset) for t in x]
     assert encoded.count(dm.tokenizer.unk_token_id) == unknown
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
         TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(tmp_path / "missing.json"))
 
 
@@ -595,7 +595,7 @@ def test_cache_dir_reuses_the_encoded_corpus(zh_docs, tmp_path, monkeypatch):
     torch.manual_seed(0)
     b = list(second.train_dataloader())
     assert len(a) == len(b)
-    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
     uncached = TextDataModule(**{**kwargs, "cache_dir": None})
     assert items(uncached.train_dataset) == items(first.train_dataset)
 

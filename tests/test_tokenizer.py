@@ -156,7 +156,7 @@ def test_encode_ids_in_range_and_unk_exactly_for_unknown_chars(tok, text):
     ids = tok.encode(text)
     assert len(ids) == len(text)
     assert all(0 <= i < tok.vocab_size for i in ids)
-    for c, i in zip(text, ids):
+    for c, i in zip(text, ids, strict=True):
         if c in ALPHABET:
             assert tok.id_to_token[i] == c
         else:
