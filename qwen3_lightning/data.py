@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -52,8 +53,9 @@ def read_text(file: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        start = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         raise ValueError(
-            f"{file} is not UTF-8 text: byte {err.start} is {raw[err.start : err.start + 1]!r}. "
+            f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. "
             "Convert it, e.g. `iconv -f GB18030 -t UTF-8 in.txt > out.txt`."
         ) from None
 
@@ -65,7 +67,8 @@ def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
     if file.suffix != ".jsonl":
         return [doc.strip() for doc in text.split(separator) if doc.strip()] if separator else [text.strip()]
     docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split at newlines only: JSON strings may hold U+2028 and other characters that str.splitlines() breaks at
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -158,15 +161,8 @@ class TextDataset(Dataset):
             else zip(texts.offsets[:-1].tolist(), texts.offsets[1:].tolist(), strict=True)
         )
         # windows of max_length + 1 tokens, each starting where the previous one's last target was
-        self.windows = np.array(
-            [
-                (s, min(s + max_length + 1, end))
-                for start, end in spans
-                for s in range(start, max(end - 1, start + 1), max_length)
-            ],
-            dtype=np.int64,
-        )
-        self.windows = self.windows[self.windows[:, 1] - self.windows[:, 0] >= 2] if len(self.windows) else self.windows
+        windows = [(s, min(s + max_length + 1, end)) for start, end in spans for s in range(start, end - 1, max_length)]
+        self.windows = np.array(windows, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -154,8 +154,9 @@ class Qwen3LightningModule(L.LightningModule):
         """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records."""
         tokenizer = self.trainer.datamodule.tokenizer
         kwargs = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50, **self.generate_kwargs}
-        ids = self.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  eos_token_id=tokenizer.eos_token_id, **kwargs)
+        ids = self.model.generate(
+            batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_token_id, **kwargs
+        )
         new = ids[:, batch["input_ids"].shape[1] :].tolist()
         return [{"prompt": p, "text": tokenizer.decode(t)} for p, t in zip(batch["prompts"], new, strict=True)]
 

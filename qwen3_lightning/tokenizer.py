@@ -67,6 +67,8 @@ class CharTokenizer:
 
     def encode(self, text: str, max_length: int | None = None, add_special_tokens: bool = False) -> list[int]:
         """Ids of ``text``, with ``<bos>``/``<eos>`` around it when ``add_special_tokens``; cut to ``max_length``."""
+        if max_length is not None and max_length < 0:
+            raise ValueError(f"max_length={max_length} must be >= 0, or None for no limit.")
         get, unk = self.token_to_id.get, self.unk_token_id
         ids = [get(c, unk) for c in text]
         if add_special_tokens:
