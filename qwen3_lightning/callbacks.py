@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,31 @@ class TextSampler(L.Callback):
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.every_n_steps, self.seed = every_n_steps, seed
         self._last_step = -1
+        self.enabled = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from qwen3_lightning.module import is_sharded
+
+        self.enabled = not is_sharded(trainer.strategy)
+        if not self.enabled:
+            rank_zero_warn(
+                "text samples are off under a sharded strategy (each rank holds only part of the "
+                "weights); run `python -m qwen3_lightning generate` on a checkpoint instead."
+            )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_steps is None and not trainer.sanity_checking:
-            self.sample(trainer, pl_module)
+        if self.enabled and self.every_n_steps is None and not trainer.sanity_checking:
+            self.sample(trainer, pl_module, trainer.log_dir)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.sample(trainer, pl_module)
+        if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module, trainer.log_dir)
 
+    # log_dir is read by the caller on every rank: under DDP, reading it is a collective broadcast
     @rank_zero_only
-    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None or trainer.global_step == self._last_step:
             return
@@ -103,8 +115,8 @@ class TextSampler(L.Callback):
             records.append({"step": trainer.global_step, "prompt": prompt, "text": text})
             log.info("sample at step %d: %s", trainer.global_step, prompt + text)
             print(f"[step {trainer.global_step}] {prompt}{text}")
-        if trainer.log_dir:
-            with (Path(trainer.log_dir) / "samples.jsonl").open("a", encoding="utf-8") as f:
+        if log_dir:
+            with (Path(log_dir) / "samples.jsonl").open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)

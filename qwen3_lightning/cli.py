@@ -168,8 +168,8 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
-    if args and args[0] in ("generate", "export"):
+    first = (sys.argv[1:] if args is None else args)[:1]
+    if first in (["generate"], ["export"]):
         from jsonargparse import CLI
 
         try:

@@ -328,10 +328,12 @@ class TextDataModule(L.LightningDataModule):
         self.val_dataset = dataset(self._val_docs) if self._val_docs else None
 
     def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(Path(trainer.log_dir) / "tokenizer.json")
+        if self.trainer is None:
+            return
+        log_dir = self.trainer.log_dir  # on every rank: under DDP, reading it is a collective broadcast
+        if self.trainer.is_global_zero and log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(Path(log_dir) / "tokenizer.json")
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
         common: dict[str, Any] = dict(

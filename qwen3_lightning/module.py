@@ -15,6 +15,10 @@ from qwen3_lightning.data import IGNORE_INDEX
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 
+def is_sharded(strategy: object) -> bool:
+    return type(strategy).__name__.startswith(("FSDP", "ModelParallel", "DeepSpeed"))
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then a half cosine down to
     ``min_ratio`` at ``total_steps``, and ``min_ratio`` after that."""
@@ -85,7 +89,17 @@ class Qwen3LightningModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = Qwen3Transformer(self.config)
+        if self._is_sharded():
+            # no random init on the CPU of a model that is about to be sharded: build on the meta device, then
+            # allocate straight on this rank's device and initialize there
+            with torch.device("meta"):
+                model = Qwen3Transformer(self.config)
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.tie_weights()  # to_empty gives the tied embedding and lm_head separate storage; share it again
+            model.init_weights()
+            self.model = model
+        else:
+            self.model = Qwen3Transformer(self.config)
         self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
         if self.hparams.compile:
             for layer in self.model.model.layers:
@@ -112,15 +126,21 @@ class Qwen3LightningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)
-        if not torch.isfinite(loss):
+        # one reduction gives the tokens of all ranks and tells every rank if any loss broke, so that all stop
+        # together (a rank stopping alone would leave the others waiting for it forever)
+        tokens, broken = self.trainer.strategy.reduce(
+            torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float()]), reduce_op="sum"
+        ).tolist()
+        if broken:
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); stopping "
+                f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}) on "
+                f"{int(broken)} of {self.trainer.world_size} process(es); stopping "
                 "before a broken model is saved. Lower model.learning_rate (now "
                 f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16 rather than 16-mixed, and "
                 "check the data. Resume from the last good checkpoint with --ckpt_path."
             )
         self._last_batch_shape = tuple(batch["input_ids"].shape)
-        self.tokens_seen += int(n_tokens) * self.trainer.world_size
+        self.tokens_seen += int(tokens)
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
         return loss
@@ -187,7 +207,8 @@ class Qwen3LightningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _is_sharded(self) -> bool:
-        return self._trainer is not None and type(self.trainer.strategy).__name__.startswith(("FSDP", "ModelParallel"))
+        """Whether the strategy shards parameters (FSDP), rather than keeping a full copy per rank."""
+        return self._trainer is not None and is_sharded(self.trainer.strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen

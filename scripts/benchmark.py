@@ -65,6 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 256; --quick: 64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first, >= 1 (default 2; --quick: 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="fresh processes per training case, interleaved (default 2; --quick: 1)",
+    )
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default 200; --quick: 16)")
@@ -87,6 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("warmup", 2, 1),
         ("new_tokens", 200, 16),
         ("decode_repeats", 3, 1),
+        ("repeats", 2, 1),
     ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
@@ -372,6 +379,21 @@ def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def summarize_runs(runs: list[dict[str, Any]], tokens: int, flops: float, peak: float | None) -> dict[str, Any]:
+    """One case over its processes: median of all their timed steps, the largest memory of any of them."""
+    ok = [r for r in runs if "step_s" in r]
+    if not ok:
+        return {"error": runs[-1].get("error")}
+    steps = [t for r in ok for t in r["step_s"]]
+    s: dict[str, Any] = {"runs": ok, "median_step_s": statistics.median(steps), "min_step_s": min(steps)}
+    s["tokens_per_s"] = tokens / s["median_step_s"]
+    s["mfu"] = s["tokens_per_s"] * flops / peak if peak else None
+    s["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    s["rss_increase_mb"] = max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in ok)
+    s["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in ok) if ok[0]["peak_cuda_mb"] is not None else None
+    return s
+
+
 def train_section(
     args: argparse.Namespace, argv: list[str], device: torch.device, peak: float | None
 ) -> tuple[dict[str, Any], str]:
@@ -380,16 +402,12 @@ def train_section(
     flops = flops_per_token(config, args.seq_len, n_params)
     tokens = args.batch_size * args.seq_len
     names = ["ours", "lightning", "hf", "ours_ckpt"] + (["ours_compiled", "lightning_compiled"] if args.compile else [])
-    cases: dict[str, dict[str, Any]] = {}
-    for name in names:
-        print(f"[train] {CASES[name]} ...", file=sys.stderr, flush=True)
-        r = spawn_case(name, argv)
-        if "step_s" in r:
-            r["median_step_s"], r["min_step_s"] = statistics.median(r["step_s"]), min(r["step_s"])
-            r["tokens_per_s"] = tokens / r["median_step_s"]
-            r["mfu"] = r["tokens_per_s"] * flops / peak if peak else None
-            r["rss_increase_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]
-        cases[name] = r
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for repeat in range(args.repeats):  # round-robin, so a slow spell of the machine hits every case alike
+        for name in names:
+            print(f"[train] {CASES[name]} (process {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            runs[name].append(spawn_case(name, argv))
+    cases = {name: summarize_runs(results, tokens, flops, peak) for name, results in runs.items()}
 
     def tps(name: str) -> float | None:
         return cases.get(name, {}).get("tokens_per_s")
@@ -431,16 +449,20 @@ def train_section(
 # --- decoding ----------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of ``repeats`` calls, and the last output."""
-    times = []
+def timed(
+    fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int
+) -> dict[str, tuple[float, torch.Tensor]]:
+    """Median seconds of ``repeats`` calls of each function, called in turn, and each one's last output."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outputs = {}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            outputs[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), outputs[name]) for name in fns}
 
 
 def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], str]:
@@ -468,8 +490,8 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
             )
 
         run_ours(8), run_hf(8)  # warm up
-        t_ours, out_ours = timed(lambda f=run_ours: f(n), device, args.decode_repeats)
-        t_hf, out_hf = timed(lambda f=run_hf: f(n), device, args.decode_repeats)
+        timings = timed({"ours": lambda f=run_ours: f(n), "hf": lambda f=run_hf: f(n)}, device, args.decode_repeats)
+        (t_ours, out_ours), (t_hf, out_hf) = timings["ours"], timings["hf"]
         same = out_ours.shape == out_hf.shape and bool(torch.equal(out_ours, out_hf))
         r = {
             "ours_tokens_per_s": batch * n / t_ours,
@@ -565,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}; "
         f"load average at start {m['load_average_at_start'][0]:.2f}.\n"
     )
+    if device.type == "cpu" and m["load_average_at_start"][0] > (os.cpu_count() or 1):
+        print("**Warning:** other processes are using the CPU (see the load average); timings will be noisy.\n")
     ratios: dict[str, float | None] = {}
     if "train" in args.sections:
         peak, source = peak_flops(device, args.quick)
@@ -578,9 +602,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
-            f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Median of {args.steps} "
-            f"steps after {args.warmup} warmup. Each case runs in its own process; its RSS increase is its peak "
-            "RSS minus the RSS after imports.\n"
+            f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Each case runs in "
+            f"{args.repeats} fresh process(es), {args.warmup} warmup + {args.steps} timed steps each; the median "
+            "step is shown, and the largest memory. RSS increase: peak RSS minus the RSS after imports.\n"
         )
         print(table + "\n")
         cases = train["cases"]

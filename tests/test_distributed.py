@@ -1,0 +1,168 @@
+"""Two-process DDP on the CPU (gloo), resuming across strategies, and what FSDP needs that a CPU can check."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from qwen3_lightning.data import TextDataModule
+from qwen3_lightning.interop import load_checkpoint
+from qwen3_lightning.module import Qwen3LightningModule
+from qwen3_lightning.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+POEMS = [
+    "春眠不觉晓，处处闻啼鸟。",
+    "夜来风雨声，花落知多少。",
+    "床前明月光，疑是地上霜。",
+    "举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。",
+    "欲穷千里目，更上一层楼。",
+    "红豆生南国，春来发几枝。",
+    "愿君多采撷，此物最相思。",
+]
+BATCH = 2
+# 16 training documents: 8 batches of 2 in one process, 4 per rank in two
+TRAIN, VAL = POEMS * 2, POEMS[:2]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[Path, Path]:
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("\n\n".join(TRAIN), encoding="utf-8")
+    val.write_text("\n\n".join(VAL), encoding="utf-8")
+    return train, val
+
+
+def fit(corpus: tuple[Path, Path], root: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--data.train_path",
+        str(corpus[0]),
+        "--data.val_path",
+        str(corpus[1]),
+        "--data.batch_size",
+        str(BATCH),
+        "--model.overrides",
+        "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64}",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    if devices > 1:
+        args += ["--trainer.strategy", "ddp"]
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen3_lightning", *args, *extra],
+        capture_output=True,
+        text=True,
+        cwd=root.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def train_tokens() -> int:
+    return sum(len(doc) + 1 for doc in TRAIN)  # targets per document: its characters and <eos>
+
+
+def test_ddp_fit_shards_batches_and_writes_once_then_resumes_in_one_process(corpus, tmp_path):
+    root = tmp_path / "run"
+    fit(corpus, root, 2, "--trainer.max_epochs", "1")
+    ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == math.ceil(len(TRAIN) / 2 / BATCH)  # each rank saw its own half
+    assert ckpt["tokens_seen"] == train_tokens()  # every token once, counted over both ranks
+    # one run folder, one tokenizer, one config, samples from rank 0 only (2 prompts, 1 validation)
+    assert [p.name for p in (root / "logs").iterdir()] == ["version_0"]
+    assert (root / "logs/version_0/tokenizer.json").is_file() and (root / "logs/version_0/config.yaml").is_file()
+    samples = (root / "logs/version_0/samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(samples) == 2
+    metrics = (root / "logs/version_0/metrics.csv").read_text()
+    assert "val_loss" in metrics.splitlines()[0]
+
+    fit(corpus, root, 1, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    resumed = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == ckpt["global_step"] + len(TRAIN) // BATCH
+    model, tokenizer = load_checkpoint(root / "checkpoints/last.ckpt")
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("春眠")]])
+    assert model.generate(ids, 5, temperature=0).shape == (1, 8)
+
+
+def test_single_process_checkpoint_resumes_under_ddp(corpus, tmp_path):
+    root = tmp_path / "run"
+    fit(corpus, root, 1, "--trainer.max_epochs", "1")
+    first = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert first["global_step"] == len(TRAIN) // BATCH
+    fit(corpus, root, 2, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    resumed = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == first["global_step"] + math.ceil(len(TRAIN) / 2 / BATCH)
+    assert resumed["tokens_seen"] == 2 * first["tokens_seen"]
+
+
+def test_every_rank_builds_the_same_vocabulary_whatever_the_file_order(tmp_path):
+    # the same documents in files written in opposite orders, and given in opposite orders
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, order in ((first, POEMS), (second, POEMS[::-1])):
+        folder.mkdir()
+        for i, doc in enumerate(order):
+            (folder / f"{(i * 7) % len(order):02d}.txt").write_text(doc, encoding="utf-8")
+    a = TextDataModule(train_path=str(first), val_split=0)
+    b = TextDataModule(train_path=str(second), val_split=0)
+    assert a.tokenizer == b.tokenizer
+    assert CharTokenizer().build_vocab(POEMS) == CharTokenizer().build_vocab(POEMS[::-1])
+
+
+def test_sharded_strategy_builds_on_meta_then_initializes_tied_weights(monkeypatch):
+    module = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=60)
+    monkeypatch.setattr(module, "_is_sharded", lambda: True)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    built_on = []
+    original = torch.nn.Module.to_empty
+
+    def spy(self, *, device, recurse=True):
+        built_on.append({p.device.type for p in self.parameters()})
+        return original(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    module.configure_model()
+    model = module.model
+    assert built_on == [{"meta"}]
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert abs(p.std().item() - 0.02) < 0.004, name
+    expected = 1.0 / (model.config.rope_theta ** (torch.arange(0, model.config.head_dim, 2).float() / 32))
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected)
+
+
+def test_fsdp_config_wraps_and_checkpoints_decoder_layers(tmp_path):
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from qwen3_lightning.model import Qwen3DecoderLayer
+
+    config = yaml.safe_load((ROOT / "configs/fsdp.yaml").read_text())["trainer"]["strategy"]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
+    assert json.dumps(strategy._state_dict_type) == '"full"'
