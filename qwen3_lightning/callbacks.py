@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,42 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ResumeCheckpoint(L.Callback):
+    """Keeps ``last.ckpt`` fresh between validations: every ``every_n_train_steps`` optimizer steps, and when
+    the run is stopped from outside (SIGTERM, what schedulers send before preemption, or Ctrl-C). Not on
+    errors such as a NaN loss, so a broken state never replaces a good one.
+
+    Args:
+        every_n_train_steps: write ``last.ckpt`` this often, mid-epoch included; None: only on interruption.
+        dirpath: the checkpoint folder; the CLI sets it to the run's.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None, dirpath: str | None = None) -> None:
+        self.every_n_train_steps, self.dirpath = every_n_train_steps, dirpath
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_step or trainer.sanity_checking:
+            return
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        trainer.save_checkpoint(dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.training:
+            self._save(trainer)
+            rank_zero_warn(
+                f"interrupted ({type(exception).__name__}) at step {trainer.global_step}: saved "
+                "last.ckpt; resume with --ckpt_path last"
+            )
 
 
 class TokenThroughput(ThroughputMonitor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, TextSampler, TokenThroughput
+from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule
 
@@ -52,6 +53,7 @@ class Qwen3CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        # best.ckpt (lowest val_loss) and last.ckpt at each validation
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -62,6 +64,7 @@ class Qwen3CLI(LightningCLI):
                 "checkpoint.filename": "best",
             }
         )
+        # kept copies, every 20 epochs by default
         parser.add_lightning_class_args(Checkpoint, "periodic_checkpoint")
         parser.set_defaults(
             {
@@ -71,6 +74,8 @@ class Qwen3CLI(LightningCLI):
                 "periodic_checkpoint.auto_insert_metric_name": False,
             }
         )
+        # last.ckpt between validations (every_n_train_steps) and on SIGTERM / Ctrl-C
+        parser.add_lightning_class_args(ResumeCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(TextSampler, "sampler")
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
 
@@ -78,7 +83,7 @@ class Qwen3CLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "runs"
         # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
-        for key in ("checkpoint", "periodic_checkpoint"):
+        for key in ("checkpoint", "periodic_checkpoint", "resume_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
 
@@ -167,14 +172,23 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def raised_here(err: BaseException) -> bool:
+    """Whether this package raised ``err`` itself: a checked input refused on purpose, whose message says
+    everything. Errors from anywhere else keep their traceback, which is what one needs to debug them."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def main(args: list[str] | None = None) -> None:
     first = (sys.argv[1:] if args is None else args)[:1]
-    if first in (["generate"], ["export"]):
-        from jsonargparse import CLI
+    try:
+        if first in (["generate"], ["export"]):
+            from jsonargparse import CLI
 
-        try:
             CLI({"generate": generate, "export": export}, args=args, as_positional=False)
-        except (FileNotFoundError, ValueError) as err:
-            sys.exit(f"error: {err}")
-    else:
-        Qwen3CLI(args=args)
+        else:
+            Qwen3CLI(args=args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if not raised_here(err):
+            raise
+        sys.exit(f"error: {err}")

@@ -7,14 +7,15 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -212,6 +213,23 @@ class LengthBuckets(Dataset):
         return collate([self.dataset[i] for i in self.batches[index]])
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's share of the examples, shuffled by ``seed + epoch``.
+
+    The order depends on nothing else (not the global random state, not earlier epochs), and an epoch can
+    start ``skip`` examples in: together, a run resumed from a mid-epoch checkpoint sees exactly the batches
+    an uninterrupted run would have. Being a ``DistributedSampler``, Lightning keeps it under DDP too.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip_epoch, self.skip = 0, 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip :] if self.epoch == self.skip_epoch else indices)
+
+
 class TextDataModule(L.LightningDataModule):
     """Reads raw text, builds the character vocabulary from the training split, and serves padded batches.
 
@@ -276,6 +294,7 @@ class TextDataModule(L.LightningDataModule):
         self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.predict_path = predict_path
+        self._resume_position: tuple[int, int] | None = None
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
@@ -336,14 +355,27 @@ class TextDataModule(L.LightningDataModule):
             self.tokenizer.save(Path(log_dir) / "tokenizer.json")
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
-        common: dict[str, Any] = dict(
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available()
+        items: Dataset = LengthBuckets(dataset, self.batch_size, self.seed) if self.bucket_by_length else dataset
+        trainer = self.trainer
+        sampler = EpochSampler(
+            items,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=shuffle,
+            seed=self.seed,
         )
-        if self.bucket_by_length:
-            return DataLoader(
-                LengthBuckets(dataset, self.batch_size, self.seed), batch_size=None, shuffle=shuffle, **common
-            )
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, **common)
+        if shuffle and self._resume_position is not None:
+            epoch, batches = self._resume_position
+            sampler.skip_epoch, sampler.skip = epoch, batches * (1 if self.bucket_by_length else self.batch_size)
+        return DataLoader(
+            items,
+            batch_size=None if self.bucket_by_length else self.batch_size,
+            sampler=sampler,
+            collate_fn=None if self.bucket_by_length else collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
@@ -373,9 +405,25 @@ class TextDataModule(L.LightningDataModule):
         return {"prompts": prompts, "input_ids": input_ids, "attention_mask": attention_mask}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer.to_dict()}
+        state: dict[str, Any] = {"tokenizer": self.tokenizer.to_dict()}
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            # where the epoch stands, so that a resumed run starts at the next unseen batch
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = {"epoch": trainer.current_epoch, "batches": done, "world_size": trainer.world_size}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("position")
+        if position and self.trainer is not None:
+            if position["world_size"] == self.trainer.world_size:
+                self._resume_position = (position["epoch"], position["batches"])
+            elif position["batches"]:
+                rank_zero_warn(
+                    f"the checkpoint was written mid-epoch by {position['world_size']} process(es) and this run has "
+                    f"{self.trainer.world_size}: the examples of an epoch are dealt out differently, so the "
+                    "interrupted epoch restarts from its first batch."
+                )
         saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
         if saved != self.tokenizer:
             raise ValueError(

@@ -39,6 +39,8 @@ SECTIONS = ("train", "decode", "data")
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "zh_fortunes.txt"
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 """Datasheet dense bf16 tensor-core FLOP/s (SXM parts), matched against the CUDA device name."""
+COMPILE_WARMUP = 3
+"""Untimed steps of the torch.compile cases at least: their first two or three steps still compile."""
 CASES = {
     "ours": "ours, plain loop",
     "lightning": "ours, Lightning Trainer",
@@ -248,13 +250,14 @@ def time_plain_loop(
     batches: list[dict[str, torch.Tensor]],
     args: argparse.Namespace,
     device: torch.device,
+    warmup: int,
 ) -> list[float]:
     """Seconds of each timed step: forward, cross-entropy, backward, AdamW step, zero_grad."""
     model.to(device).train()
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     optimizer = make_optimizer(model, args.fused)
     times = []
-    for step in range(args.warmup + args.steps):
+    for step in range(warmup + args.steps):
         batch = batches[step % len(batches)]
         sync(device)
         start = time.perf_counter()
@@ -264,7 +267,7 @@ def time_plain_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        if step >= args.warmup:
+        if step >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
@@ -296,13 +299,13 @@ class StepTimer(L.Callback):
 
 
 def time_trainer(
-    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, compile: bool
+    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, warmup: int, compile: bool
 ) -> list[float]:
     from qwen3_lightning.module import Qwen3LightningModule
 
     module = Qwen3LightningModule(preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile)
     timer = StepTimer(device)
-    total = args.warmup + args.steps
+    total = warmup + args.steps
     trainer = L.Trainer(
         max_steps=total,
         logger=False,
@@ -330,8 +333,10 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(args.seed)
+    compiled = name.endswith("compiled")
+    warmup = max(args.warmup, COMPILE_WARMUP) if compiled else args.warmup
     if name.startswith("lightning"):
-        times = time_trainer(batches, args, device, compile=name.endswith("compiled"))
+        times = time_trainer(batches, args, device, warmup, compile=compiled)
     else:
         model: nn.Module = Qwen3Transformer(config)
         if name == "hf":
@@ -341,7 +346,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         else:
             model.gradient_checkpointing = name == "ours_ckpt"
-            if name == "ours_compiled":
+            if compiled:
                 for layer in model.model.layers:
                     layer.compile()
 
@@ -349,7 +354,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 # no mask: the batches have no padding, and Qwen3LightningModule drops an all-ones mask too
                 return model(b["input_ids"])
 
-        times = time_plain_loop(model, forward, batches, args, device)
+        times = time_plain_loop(model, forward, batches, args, device, warmup)
     return {
         "step_s": times,
         "baseline_rss_mb": baseline,
@@ -416,13 +421,14 @@ def train_section(
     rows = []
     for name, r in cases.items():
         if "error" in r:
-            rows.append([CASES[name], "failed", *[None] * 6])
+            rows.append([CASES[name], "failed", *[None] * 7])
             continue
         rows.append(
             [
                 CASES[name],
                 r["tokens_per_s"],
                 r["median_step_s"] * 1000,
+                r["min_step_s"] * 1000,
                 100 * r["mfu"] if r["mfu"] is not None else None,
                 r["peak_rss_mb"],
                 r.get(memory),
@@ -435,6 +441,7 @@ def train_section(
         "case",
         "tokens/s",
         "ms/step (median)",
+        "ms/step (best)",
         "MFU %",
         "peak RSS MB (process)",
         memory_label,
@@ -604,7 +611,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
             f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Each case runs in "
             f"{args.repeats} fresh process(es), {args.warmup} warmup + {args.steps} timed steps each; the median "
-            "step is shown, and the largest memory. RSS increase: peak RSS minus the RSS after imports.\n"
+            "step is shown, and the largest memory. RSS increase: peak RSS minus the RSS after imports."
+            + (f" Compiled cases warm up for at least {COMPILE_WARMUP} steps.\n" if args.compile else "\n")
         )
         print(table + "\n")
         cases = train["cases"]

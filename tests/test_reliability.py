@@ -1,0 +1,279 @@
+"""Interrupted runs resume exactly, runs repeat exactly, bad input is refused clearly, checkpoints load safely."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from qwen3_lightning.callbacks import ResumeCheckpoint
+from qwen3_lightning.cli import main
+from qwen3_lightning.data import TextDataModule
+from qwen3_lightning.interop import load_checkpoint
+from qwen3_lightning.module import Qwen3LightningModule
+
+ROOT = Path(__file__).resolve().parents[1]
+POEMS = [
+    "春眠不觉晓，处处闻啼鸟。",
+    "夜来风雨声，花落知多少。",
+    "床前明月光，疑是地上霜。",
+    "举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。",
+    "欲穷千里目，更上一层楼。",
+    "红豆生南国，春来发几枝。",
+    "愿君多采撷，此物最相思。",
+]
+SMALL = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "poems.txt"
+    path.write_text("\n\n".join(POEMS * 2), encoding="utf-8")
+    return path
+
+
+def fit_args(corpus: Path, root: Path, *extra: str) -> list[str]:
+    fixed = (
+        "--data.val_split 0.125 --data.batch_size 2 --model.warmup_steps 3 --trainer.log_every_n_steps 1 "
+        "--trainer.enable_progress_bar false --trainer.max_epochs -1 --sampler.prompts []"
+    ).split()
+    return ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
+            "--model.overrides", SMALL, "--trainer.default_root_dir", str(root), *fixed, *extra]  # fmt: skip
+
+
+def losses(root: Path, version: int) -> dict[int, float]:
+    with open(root / "logs" / f"version_{version}" / "metrics.csv", encoding="utf-8") as f:
+        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")}
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwen3_lightning", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+# -- interrupted runs ------------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(corpus, tmp_path):
+    # 14 training documents in batches of 2: 7 steps an epoch; last.ckpt every 5 steps, so mid-epoch
+    steps = "150"
+    reference = tmp_path / "reference"
+    assert main(fit_args(corpus, reference, "--trainer.max_steps", steps)) is None
+    expected = losses(reference, 0)
+    assert sorted(expected) == list(range(150))
+
+    run = tmp_path / "run"
+    args = fit_args(corpus, run, "--trainer.max_steps", steps, "--resume_checkpoint.every_n_train_steps", "5")
+    process = start(args, tmp_path)
+    wait_for(run / "checkpoints/last.ckpt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved < 150 and saved % 7 != 0, saved  # killed mid-run, and the checkpoint is mid-epoch
+
+    main([*args, "--ckpt_path", "last"])
+    resumed = losses(run, 1)
+    assert min(resumed) == saved and max(resumed) == 149
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 150
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    process = start(fit_args(corpus, run, "--trainer.max_steps", "100000"), tmp_path)
+    wait_for(run / "logs/version_0/tokenizer.json", process)
+    time.sleep(2.0)  # into training
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "interrupted (SIGTERMException)" in stderr  # Lightning then exits like sys.exit(): status 0
+    step = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < 100000
+    main(fit_args(corpus, run, "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"))
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step + 3
+
+
+def test_same_seed_same_losses(corpus, tmp_path):
+    main(fit_args(corpus, tmp_path / "a", "--trainer.max_steps", "20"))
+    main(fit_args(corpus, tmp_path / "b", "--trainer.max_steps", "20"))
+    main(fit_args(corpus, tmp_path / "c", "--trainer.max_steps", "20", "--seed_everything", "7"))
+    a, b, c = losses(tmp_path / "a", 0), losses(tmp_path / "b", 0), losses(tmp_path / "c", 0)
+    assert a == b and len(a) == 20
+    assert a != c
+
+
+class NaNAfter(nn.Module):
+    """Cross-entropy that turns NaN from its ``n``-th call on, as a diverging run would."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if self.calls > self.n else loss
+
+
+def test_nan_loss_stops_the_run_without_saving_it(tmp_path):
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(
+        overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, criterion=NaNAfter(4), warmup_steps=0
+    )
+    trainer = L.Trainer(
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[ResumeCheckpoint(every_n_train_steps=1, dirpath=str(tmp_path))],
+    )
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 4 .*Lower model.learning_rate"):
+        trainer.fit(model, data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+# -- checkpoints load safely ----------------------------------------------------------------------------------
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_checkpoints_with_pickled_code_are_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"preset": "tiny"}, "x": Payload()}, path)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
+# -- bad input: each row of the README's table ----------------------------------------------------------------
+
+
+def write(path: Path, data: bytes | str) -> str:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return str(path)
+
+
+BAD_FIT_INPUT = {
+    "missing data file": (lambda d: ["--data.train_path", str(d / "nope.txt")], "data path .*nope.txt does not exist"),
+    "empty data file": (lambda d: ["--data.train_path", write(d / "empty.txt", "\n \n")], "no text found in"),
+    "non-UTF-8 text": (
+        lambda d: ["--data.train_path", write(d / "gbk.txt", "春眠不觉晓".encode("gbk"))],
+        r"gbk.txt is not UTF-8 text: byte 0 is b'\\xb4'",
+    ),
+    "binary file": (
+        lambda d: ["--data.train_path", write(d / "img.txt", b"\x89PNG\r\n\x1a\n\x00\x00")],
+        r"img.txt is not UTF-8 text: byte 0 is b'\\x89'",
+    ),
+    "bad .jsonl line": (
+        lambda d: ["--data.train_path", write(d / "c.jsonl", '{"text": "好"}\n{"text": 3}\n')],
+        r"c.jsonl, line 2: each line must be an object with a string field 'text'",
+    ),
+    "max_length below 2": (lambda d: ["--data.max_length", "1"], "data.max_length=1 is too short"),
+    "vocab_size below the specials": (lambda d: ["--data.vocab_size", "3"], "vocab_size=3 leaves no room"),
+    "empty validation split": (lambda d: ["--data.val_split", "0.01"], "leaves no validation document"),
+    "unknown preset": (lambda d: ["--model.preset", "giant"], "unknown preset 'giant'; available presets: tiny"),
+    "impossible model shape": (
+        lambda d: ["--model.overrides", "{num_attention_heads: 3, num_key_value_heads: 2}"],
+        "num_attention_heads=3 is not divisible by num_key_value_heads=2",
+    ),
+    "unknown model field": (lambda d: ["--model.overrides", "{num_layers: 3}"], r"unknown Qwen3Config field\(s\)"),
+    "bad learning rate": (lambda d: ["--model.learning_rate", "-1"], "learning_rate > 0"),
+    "bad warmup": (lambda d: ["--model.warmup_steps", "1.5"], "warmup_steps=1.5 must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIT_INPUT))
+def test_bad_fit_input_is_refused_before_training(case, corpus, tmp_path, capsys):
+    extra, message = BAD_FIT_INPUT[case]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(corpus, run, "--trainer.max_steps", "2", *extra(data_dir)))
+    assert exit_info.value.code != 0
+    reported = str(exit_info.value.code) + capsys.readouterr().err
+    assert pytest.importorskip("re").search(message, reported), reported
+    assert not (run / "checkpoints").exists()
+
+
+def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    other = write(tmp_path / "other.txt", "\n\n".join(["天地玄黄，宇宙洪荒。", "日月盈昃，辰宿列张。"] * 8))
+    with pytest.raises(SystemExit, match=r"vocabulary .* differs|vocabulary of .* tokens"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", other, "--ckpt_path", "last"))
+    assert (run / "checkpoints/last.ckpt").read_bytes() == before  # nothing lost
+    # with the run's own vocabulary, the new text is accepted (its unknown characters become <unk>)
+    tokenizer = next((run / "logs").glob("version_0/tokenizer.json"))
+    main(
+        fit_args(
+            corpus,
+            run,
+            "--trainer.max_steps",
+            "4",
+            "--data.train_path",
+            other,
+            "--ckpt_path",
+            "last",
+            "--data.tokenizer_path",
+            str(tokenizer),
+        )
+    )
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))
+    # the same characters, so the same vocabulary size, but other frequencies: other ids
+    shuffled = write(tmp_path / "shuffled.txt", "\n\n".join(p[::-1] + p[0] * 5 for p in POEMS * 2))
+    with pytest.raises(SystemExit, match=r"the checkpoint's vocabulary .* differs from the one built from this data"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", shuffled, "--ckpt_path", "last"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ckpt_path", "{missing}"], "checkpoint .*missing.ckpt does not exist"),
+        (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint"),
+        (["--temperature", "-0.5"], "temperature=-0.5 must be >= 0"),
+        (["--top_p", "0"], "top_p=0.0 must be in"),
+        (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64"),
+    ],
+)
+def test_bad_generation_input_is_refused(corpus, tmp_path, args, message):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    paths = {"missing": str(tmp_path / "missing.ckpt"), "text": write(tmp_path / "notes.ckpt", "hello")}
+    args = [a.format(**paths) for a in args]
+    if "--ckpt_path" not in args:
+        args = ["--ckpt_path", str(run / "checkpoints/last.ckpt"), *args]
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", *args])
