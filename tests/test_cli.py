@@ -132,12 +132,33 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
     prompts.write_text("春眠\n\n床前明月\n举头\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     corpus = checkpoint.parents[1] / "poems.txt"
-    main(["predict", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
-          "--data.val_split", "0.25", "--ckpt_path", str(checkpoint), "--data.predict_path", str(prompts),
-          "--predict_writer.output_path", str(out), "--model.generate_kwargs", "{max_new_tokens: 6, temperature: 0}",
-          "--model.overrides", "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, "
-          "max_position_embeddings: 64}", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-          "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "predict",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--data.train_path",
+            str(corpus),
+            "--data.val_split",
+            "0.25",
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.predict_path",
+            str(prompts),
+            "--predict_writer.output_path",
+            str(out),
+            "--model.generate_kwargs",
+            "{max_new_tokens: 6, temperature: 0}",
+            "--model.overrides",
+            "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in records] == ["春眠", "床前明月", "举头"]
     model, tokenizer = load_checkpoint(checkpoint)
