@@ -62,6 +62,7 @@ class Qwen3CLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best",
+                "checkpoint.enable_version_counter": False,  # overwrite best.ckpt and last.ckpt, never last-v1.ckpt
             }
         )
         # kept copies, every 20 epochs by default
