@@ -105,6 +105,7 @@ def generate(
     num_samples: int = 1,
     seed: int | None = None,
     device: str = "auto",
+    compile: bool = False,
 ) -> list[str]:
     """Writes text from a training checkpoint, printing it as it is produced.
 
@@ -118,6 +119,7 @@ def generate(
         num_samples: how many continuations to write.
         seed: seed for reproducible sampling.
         device: cpu, cuda, or auto (cuda when available).
+        compile: compile the decoding step with torch.compile: a slow first sample, faster tokens after.
     """
     from qwen3_lightning.generation import check_sampling_args, generate_text
     from qwen3_lightning.interop import load_checkpoint
@@ -148,6 +150,7 @@ def generate(
                 top_p,
                 generator,
                 on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                compile=compile,
             )
         )
         sys.stdout.write("\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,7 @@ def decode_loop(
     eos_token_id: int | None,
     attention_mask: torch.Tensor | None,
     generator: torch.Generator | None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), up to ``max_new_tokens`` times or until all rows met eos."""
     check_sampling_args(temperature, top_k, top_p)
@@ -76,52 +79,67 @@ def decode_loop(
         )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
-    return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask, generator)
+    if max_new_tokens == 0:
+        return iter(())
+    step = _compiled_forward(model) if compile else model
+    sample = functools.partial(
+        sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
+    capacity = input_ids.shape[1] + max_new_tokens
+    if compile:  # a few cache sizes, so that calls with other lengths reuse the compiled graphs
+        capacity = min(-(-capacity // CACHE_ROUNDING) * CACHE_ROUNDING, model.config.max_position_embeddings)
+    return _decode(model, step, sample, input_ids, max_new_tokens, eos_token_id, attention_mask, capacity)
+
+
+CACHE_ROUNDING = 256
+"""With compile, the cache is allocated in multiples of this many positions."""
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_forward(model: Qwen3Transformer) -> Callable[..., torch.Tensor]:
+    """``model.forward`` compiled once per model; decoding steps all have the same shapes, so one graph serves."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False)
+    return _COMPILED[model]
 
 
 def _decode(
     model: Qwen3Transformer,
+    step: Callable[..., torch.Tensor],
+    sample: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
     eos_token_id: int | None,
     attention_mask: torch.Tensor | None,
-    generator: torch.Generator | None,
+    capacity: int,
 ) -> Iterator[torch.Tensor]:
     from qwen3_lightning.model import KVCache
 
-    if max_new_tokens == 0:
-        return
     B, T = input_ids.shape
     weight = model.model.embed_tokens.weight
-    cache = KVCache.allocate(model.config, B, T + max_new_tokens, weight.device, weight.dtype)
-    position_ids = mask = None
-    if attention_mask is not None:
-        # left padding: real tokens count their positions from 0, as transformers' generate does
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], dim=1)
-        position_ids = (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids, attention_mask=None if mask is None else mask[:, :T], position_ids=position_ids, cache=cache
-    )[:, -1]
+    cache = KVCache.allocate(model.config, B, capacity, weight.device, weight.dtype)
+    # which cache slots each row may see: the prompt (padding hidden), then each new token once written
+    slots = torch.zeros(B, capacity, dtype=torch.long, device=input_ids.device)
+    slots[:, :T] = 1 if attention_mask is None else attention_mask
+    # left padding: real tokens count their positions from 0, as transformers' generate does
+    position_ids = (slots[:, :T].cumsum(-1) - 1).clamp(min=0)
+    prompt_mask = None if attention_mask is None else slots[:, :T]
+    logits = model(input_ids, attention_mask=prompt_mask, position_ids=position_ids, cache=cache, logits_to_keep=1)
+    position_ids = position_ids[:, -1:]
+    cache.index = torch.tensor([T], device=input_ids.device)  # from here on, every step has the same shapes
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+    for i in range(max_new_tokens):
+        token = sample(logits[:, -1])
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
         yield token
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        if position_ids is not None:
-            position_ids = position_ids[:, -1:] + 1
-        logits = model(
-            token[:, None],
-            attention_mask=None if mask is None else mask[:, : T + step + 1],
-            position_ids=position_ids,
-            cache=cache,
-        )[:, -1]
+        slots[:, T + i] = 1
+        position_ids = position_ids + 1
+        logits = step(token[:, None], attention_mask=slots, position_ids=position_ids, cache=cache)
+        cache.index += 1
 
 
 def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:
@@ -145,13 +163,22 @@ def generate_text(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     on_text: Callable[[str], None] | None = None,
+    compile: bool = False,
 ) -> str:
     """The continuation of ``prompt`` as text; ``on_text`` gets each new piece as soon as it is decoded."""
     device = model.model.embed_tokens.weight.device
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
     pieces = []
     for token in model.generate(
-        ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, generator=generator, stream=True
+        ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        tokenizer.eos_token_id,
+        generator=generator,
+        stream=True,
+        compile=compile,
     ):
         piece = tokenizer.decode(token.tolist())
         pieces.append(piece)

@@ -68,12 +68,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of every layer, allocated once for ``max_length`` positions.
 
-    ``length`` is how many positions are filled; a forward pass with the cache appends its tokens.
+    ``length`` is how many positions are filled; a forward pass with the cache appends its tokens there.
+    With ``index`` set (a tensor of positions), a step writes at those positions instead and attends over the
+    whole buffer, its mask hiding the slots not yet written: every step then has the same shapes, which is
+    what lets ``torch.compile`` turn the decoding step into one graph.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
+    index: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new keys and values (B, nkv, T, hd) of ``layer``; returns all that attention may see."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.index is not None:
+            keys.index_copy_(2, self.index, k)
+            values.index_copy_(2, self.index, v)
+            return keys, values
+        start, end = self.length, self.length + k.shape[2]
+        keys[:, :, start:end], values[:, :, start:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
 
     @classmethod
     def allocate(
@@ -120,10 +135,7 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.keys[self.layer_idx][:, :, start:end] = k
-            cache.values[self.layer_idx][:, :, start:end] = v
-            k, v = cache.keys[self.layer_idx][:, :, :end], cache.values[self.layer_idx][:, :, :end]
+            k, v = cache.update(self.layer_idx, k, v)
         is_causal = mask is None and T > 1 and (cache is None or cache.length == 0)
         if mask is None and not is_causal and T > 1:
             raise ValueError("a multi-token step after a filled cache needs an explicit mask")
@@ -217,19 +229,23 @@ class Qwen3Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for ``input_ids`` (B, T).
+        """Logits (B, T, vocab) for ``input_ids`` (B, T); only those of the last ``logits_to_keep`` positions
+        when it is set (prefilling a prompt needs the last one alone).
 
         ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0, left or right; with a cache it
         covers the cached positions too (S = cache.length + T). ``position_ids`` default to 0, 1, ... counted
         from the cache's length, as transformers does.
         """
-        B, T = input_ids.shape
+        if cache is not None and cache.index is not None:
+            return self._static_step(input_ids, attention_mask, position_ids, cache)
+        T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_length:
             raise ValueError(f"the cache holds {cache.max_length} positions; {past} are used and {T} more were given")
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T): broadcasts
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         mask = self._attention_mask(attention_mask, past, T, input_ids.device)
@@ -240,6 +256,26 @@ class Qwen3Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
+        return self.lm_head(self.model.norm(x[:, -logits_to_keep:]))
+
+    def _static_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """One token per row, written at ``cache.index``; ``attention_mask`` (B, max_length) marks the slots
+        this token may see (the written ones, less padding). Shapes never change from step to step."""
+        if input_ids.shape[1] != 1 or attention_mask is None or position_ids is None:
+            raise ValueError(
+                "a step at cache.index takes one token per row, its position_ids and a mask over the cache"
+            )
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_length)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.model.norm(x))
 
     @staticmethod
@@ -278,17 +314,20 @@ class Qwen3Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         stream: bool = False,
+        compile: bool = False,
     ):
         """Continues each prompt by up to ``max_new_tokens`` tokens, with a key/value cache.
 
         ``temperature=0`` is greedy. Prompts of different lengths are left-padded with ``attention_mask``
         marking the real tokens. Returns (B, prompt + new) ids; rows that met ``eos_token_id`` are padded with it.
         With ``stream=True`` it returns an iterator of the new tokens (B,) one step at a time instead.
+        ``compile=True`` runs the decoding step through ``torch.compile`` (one fixed-shape graph, compiled on the
+        first call and reused): much less Python overhead per token, for long generations.
         """
         from qwen3_lightning.generation import decode_loop
 
         steps = decode_loop(
-            self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask, generator
+            self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask, generator, compile
         )
         if stream:
             return steps

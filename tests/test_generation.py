@@ -149,3 +149,15 @@ def test_generate_text_warns_once_on_unknown_characters(pair):
     assert 0 < len(text) <= 10
     empty = generate_text(ours, tokenizer, "", 10, temperature=0)  # starts from <bos> alone
     assert 0 < len(empty) <= 10
+
+
+def test_compiled_decoding_equals_eager(pair):
+    _, ours = pair
+    prompts = torch.randint(4, 83, (2, 6))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    eager = ours.generate(prompts, 12, temperature=0, attention_mask=mask)
+    compiled = ours.generate(prompts, 12, temperature=0, attention_mask=mask, compile=True)
+    assert torch.equal(compiled, eager)
+    again = ours.generate(prompts, 20, temperature=0, attention_mask=mask, compile=True)  # reuses the graph
+    assert torch.equal(again[:, :18], eager)
