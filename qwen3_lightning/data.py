@@ -377,6 +377,15 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Right padding needs no mask: under causal attention no real token sees the padding after it, and the
+        # loss skips padded positions. Without a mask, attention runs on its fastest (flash) kernels. Checked
+        # here, on the CPU, before the batch moves to the device, so that it costs no device sync.
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if mask is not None and "labels" in batch and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        return batch
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 

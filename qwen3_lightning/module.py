@@ -116,15 +116,6 @@ class Qwen3LightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Right padding needs no mask: under causal attention no real token sees the padding after it, and the
-        # loss skips padded positions. Without a mask, attention runs on its fastest (flash) kernels. Checked
-        # here, on the CPU, before the batch moves to the device, so that it costs no device sync.
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if mask is not None and "labels" in batch and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        return batch
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())

@@ -83,15 +83,15 @@ def train_tokens() -> int:
 
 def test_ddp_fit_shards_batches_and_writes_once_then_resumes_in_one_process(corpus, tmp_path):
     root = tmp_path / "run"
-    fit(corpus, root, 2, "--trainer.max_epochs", "1")
+    fit(corpus, root, 2, "--trainer.max_epochs", "1", "--sampler.every_n_steps", "2")
     ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == math.ceil(len(TRAIN) / 2 / BATCH)  # each rank saw its own half
     assert ckpt["tokens_seen"] == train_tokens()  # every token once, counted over both ranks
-    # one run folder, one tokenizer, one config, samples from rank 0 only (2 prompts, 1 validation)
+    # one run folder, one tokenizer, one config, samples from rank 0 only (2 prompts at steps 2 and 4)
     assert [p.name for p in (root / "logs").iterdir()] == ["version_0"]
     assert (root / "logs/version_0/tokenizer.json").is_file() and (root / "logs/version_0/config.yaml").is_file()
     samples = (root / "logs/version_0/samples.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(samples) == 2
+    assert len(samples) == 4
     metrics = (root / "logs/version_0/metrics.csv").read_text()
     assert "val_loss" in metrics.splitlines()[0]
 

@@ -243,7 +243,7 @@ def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
     module.configure_model()
     batch = collate([data.train_dataset[i] for i in (0, 1, 8)])  # the last row is right-padded
     assert not batch["attention_mask"].all()
-    moved = module.on_before_batch_transfer(batch, 0)
+    moved = data.on_before_batch_transfer(batch, 0)
     assert "attention_mask" not in moved
     grads = []
     for b in (batch, moved):  # the same loss and gradients with and without the mask
@@ -255,4 +255,4 @@ def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
-    assert "attention_mask" in module.on_before_batch_transfer(left, 0)
+    assert "attention_mask" in data.on_before_batch_transfer(left, 0)
