@@ -140,15 +140,17 @@ class TextSampler(L.Callback):
         records = []
         for prompt in self.prompts:
             room = pl_module.model.config.max_position_embeddings - len(prompt) - 1
-            text = generate_text(
-                pl_module.model,
-                tokenizer,
-                prompt,
-                min(self.max_new_tokens, room),
-                self.temperature,
-                self.top_k,
-                generator=generator,
-            )
+            # eager even when training compiled the layers: decoding shapes would only make them recompile
+            with torch.compiler.set_stance("force_eager"):
+                text = generate_text(
+                    pl_module.model,
+                    tokenizer,
+                    prompt,
+                    min(self.max_new_tokens, room),
+                    self.temperature,
+                    self.top_k,
+                    generator=generator,
+                )
             records.append({"step": trainer.global_step, "prompt": prompt, "text": text})
             log.info("sample at step %d: %s", trainer.global_step, prompt + text)
             print(f"[step {trainer.global_step}] {prompt}{text}")

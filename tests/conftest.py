@@ -14,6 +14,19 @@ ZH_DOCS = [
 ]
 
 
+POEMS = [
+    "春眠不觉晓，处处闻啼鸟。",
+    "夜来风雨声，花落知多少。",
+    "床前明月光，疑是地上霜。",
+    "举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。",
+    "欲穷千里目，更上一层楼。",
+    "红豆生南国，春来发几枝。",
+    "愿君多采撷，此物最相思。",
+]
+"""Eight one-line quatrains, for the training, distributed and reliability tests."""
+
+
 @pytest.fixture
 def zh_docs() -> list[str]:
     """A few distinct short Chinese documents (newlines inside, full-width punctuation)."""

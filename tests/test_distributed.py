@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import POEMS
 
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
@@ -17,16 +18,6 @@ from qwen3_lightning.module import Qwen3LightningModule
 from qwen3_lightning.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-POEMS = [
-    "春眠不觉晓，处处闻啼鸟。",
-    "夜来风雨声，花落知多少。",
-    "床前明月光，疑是地上霜。",
-    "举头望明月，低头思故乡。",
-    "白日依山尽，黄河入海流。",
-    "欲穷千里目，更上一层楼。",
-    "红豆生南国，春来发几枝。",
-    "愿君多采撷，此物最相思。",
-]
 BATCH = 2
 # 16 training documents: 8 batches of 2 in one process, 4 per rank in two
 TRAIN, VAL = POEMS * 2, POEMS[:2]

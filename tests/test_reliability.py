@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import POEMS
 from torch import nn
 
 from qwen3_lightning.callbacks import ResumeCheckpoint
@@ -19,16 +20,6 @@ from qwen3_lightning.interop import load_checkpoint
 from qwen3_lightning.module import Qwen3LightningModule
 
 ROOT = Path(__file__).resolve().parents[1]
-POEMS = [
-    "春眠不觉晓，处处闻啼鸟。",
-    "夜来风雨声，花落知多少。",
-    "床前明月光，疑是地上霜。",
-    "举头望明月，低头思故乡。",
-    "白日依山尽，黄河入海流。",
-    "欲穷千里目，更上一层楼。",
-    "红豆生南国，春来发几枝。",
-    "愿君多采撷，此物最相思。",
-]
 SMALL = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
 
 

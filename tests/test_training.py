@@ -9,22 +9,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import POEMS
 
 from qwen3_lightning.cli import Qwen3CLI, main
 from qwen3_lightning.data import TextDataModule, collate
 from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
-POEMS = [
-    "春眠不觉晓，处处闻啼鸟。",
-    "夜来风雨声，花落知多少。",
-    "床前明月光，疑是地上霜。",
-    "举头望明月，低头思故乡。",
-    "白日依山尽，黄河入海流。",
-    "欲穷千里目，更上一层楼。",
-    "红豆生南国，春来发几枝。",
-    "愿君多采撷，此物最相思。",
-]
 TINY = (
     "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, "
     "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16}"
