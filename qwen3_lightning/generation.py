@@ -103,6 +103,7 @@ def _compiled_forward(model: Qwen3Transformer) -> Callable[..., torch.Tensor]:
     return _COMPILED[model]
 
 
+@torch.no_grad()  # on a generator function, torch keeps grad off at every resumption, streaming included
 def _decode(
     model: Qwen3Transformer,
     step: Callable[..., torch.Tensor],

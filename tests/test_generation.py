@@ -161,3 +161,18 @@ def test_compiled_decoding_equals_eager(pair):
     assert torch.equal(compiled, eager)
     again = ours.generate(prompts, 20, temperature=0, attention_mask=mask, compile=True)  # reuses the graph
     assert torch.equal(again[:, :18], eager)
+
+
+def test_streaming_builds_no_autograd_graph(pair, monkeypatch):
+    _, ours = pair
+    grad_modes = []
+    forward = ours.forward
+
+    def spy(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", spy)
+    for _ in ours.generate(torch.randint(4, 83, (1, 4)), 3, temperature=0, stream=True):
+        assert torch.is_grad_enabled()  # the caller's mode is untouched between steps
+    assert grad_modes == [False, False, False]  # prefill and two steps, all without autograd
