@@ -46,6 +46,11 @@ class Qwen3CLI(LightningCLI):
                 "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
             },
             seed_everything_default=42,
+            parser_kwargs={
+                "description": "Train Qwen3 models on your own text: fit, validate, test, predict. Two more "
+                "commands take a checkpoint: `generate` (text) and `export` (a transformers directory); "
+                "see `generate --help` and `export --help`."
+            },
             save_config_kwargs={"overwrite": True},
             args=args,
             **kwargs,
