@@ -111,6 +111,13 @@ class TextSampler(L.Callback):
         from qwen3_lightning.module import is_sharded
 
         self.enabled = not is_sharded(trainer.strategy)
+        limit = pl_module.config.max_position_embeddings
+        too_long = [p for p in self.prompts if len(p) + 1 >= limit]  # +1: <bos>
+        if too_long:  # checked on every rank, before training, so that no rank fails alone later
+            raise ValueError(
+                f"sampler.prompts {too_long} leave no room to generate within the model's "
+                f"max_position_embeddings={limit}; shorten them."
+            )
         if not self.enabled:
             rank_zero_warn(
                 "text samples are off under a sharded strategy (each rank holds only part of the "
@@ -139,7 +146,7 @@ class TextSampler(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         records = []
         for prompt in self.prompts:
-            room = pl_module.model.config.max_position_embeddings - len(prompt) - 1
+            room = pl_module.model.config.max_position_embeddings - len(prompt) - 1  # >= 1, checked in setup
             # eager even when training compiled the layers: decoding shapes would only make them recompile
             with torch.compiler.set_stance("force_eager"):
                 text = generate_text(

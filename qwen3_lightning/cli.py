@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,12 @@ def generate(
     from qwen3_lightning.interop import load_checkpoint
 
     check_sampling_args(temperature, top_k, top_p)
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
     model, tokenizer = load_checkpoint(ckpt_path)
     model.to(device).eval()
     generator = torch.Generator(device=device)
@@ -176,6 +181,8 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(dtypes)}.")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file; give the path of a directory to write.")
     model, tokenizer = load_checkpoint(ckpt_path)
     out = export_pretrained(model, out_dir, tokenizer, dtypes.get(dtype))
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -189,6 +196,8 @@ def raised_here(err: BaseException) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
+    # TextDataModule restores the position inside an epoch itself (EpochSampler), which Lightning cannot see
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     first = (sys.argv[1:] if args is None else args)[:1]
     try:
         if first in (["generate"], ["export"]):

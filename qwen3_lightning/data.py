@@ -6,14 +6,17 @@ import codecs
 import hashlib
 import json
 import logging
+import os
 import random
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -122,9 +125,12 @@ class EncodedCorpus:
             corpus = cls.encode(docs, tokenizer)
             cache_dir.mkdir(parents=True, exist_ok=True)
             for file, array in ((tokens_file, corpus.tokens), (offsets_file, corpus.offsets)):
-                tmp = file.with_suffix(".tmp.npy")  # write then rename, so a crash leaves no half file
-                np.save(tmp, array)
-                tmp.replace(file)
+                # a temporary file of this process, then a rename: a crash leaves no half file, and ranks
+                # writing the same cache at once do not trip over each other's
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy")
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, array)
+                os.replace(tmp, file)
         return cls(np.load(tokens_file, mmap_mode="r"), np.load(offsets_file))
 
     def __len__(self) -> int:
@@ -219,13 +225,32 @@ class EpochSampler(DistributedSampler):
     The order depends on nothing else (not the global random state, not earlier epochs), and an epoch can
     start ``skip`` examples in: together, a run resumed from a mid-epoch checkpoint sees exactly the batches
     an uninterrupted run would have. Being a ``DistributedSampler``, Lightning keeps it under DDP too.
+
+    ``epoch_fn`` gives the epoch when iteration starts. Lightning's ``set_epoch`` is not relied on: it comes
+    after the iterator exists when batches are prefetched (workers, or ``batch_size=None``), and it is one
+    ahead after a restart.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        epoch_fn: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.epoch_fn = epoch_fn
         self.skip_epoch, self.skip = 0, 0
 
+    def set_epoch(self, epoch: int) -> None:
+        if self.epoch_fn is None:
+            super().set_epoch(epoch)
+
     def __iter__(self) -> Iterator[int]:
+        if self.epoch_fn is not None:
+            self.epoch = self.epoch_fn()
         indices = list(super().__iter__())
         return iter(indices[self.skip :] if self.epoch == self.skip_epoch else indices)
 
@@ -252,6 +277,7 @@ class TextDataModule(L.LightningDataModule):
         bucket_by_length: batch examples of similar length together, to cut padding.
         packing: join documents with ``<eos>`` into full windows: no padding at all.
         cache_dir: keep the encoded corpus there as NumPy files, memory-mapped on later runs.
+        test_path: data for the ``test`` subcommand, in the same forms as ``train_path``.
         predict_path: a text file of prompts, one per line, for the ``predict`` subcommand.
         tokenizer_path: use this saved vocabulary (a ``tokenizer.json`` of an earlier run) instead of building
             one from the training split; characters it lacks become ``<unk>``.
@@ -273,6 +299,7 @@ class TextDataModule(L.LightningDataModule):
         bucket_by_length: bool = False,
         packing: bool = False,
         cache_dir: str | None = None,
+        test_path: str | list[str] | None = None,
         predict_path: str | None = None,
         tokenizer_path: str | None = None,
     ) -> None:
@@ -293,7 +320,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.predict_path = predict_path
+        self.predict_path, self.test_path, self.separator = predict_path, test_path, separator
         self._resume_position: tuple[int, int] | None = None
 
         if texts is not None and train_path is not None:
@@ -363,6 +390,7 @@ class TextDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             shuffle=shuffle,
             seed=self.seed,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
         if shuffle and self._resume_position is not None:
             epoch, batches = self._resume_position
@@ -392,6 +420,12 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
 
+    def test_dataloader(self) -> DataLoader:
+        if self.test_path is None:
+            raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
+        corpus = EncodedCorpus.encode(load_corpus(self.test_path, self.separator), self.tokenizer)
+        return self._loader(TextDataset(corpus, max_length=self.max_length, packing=self.packing), shuffle=False)
+
     def predict_dataloader(self) -> DataLoader:
         if self.predict_path is None:
             raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
@@ -416,10 +450,14 @@ class TextDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"tokenizer": self.tokenizer.to_dict()}
         trainer = self.trainer
-        if trainer is not None and trainer.training:
-            # where the epoch stands, so that a resumed run starts at the next unseen batch
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["position"] = {"epoch": trainer.current_epoch, "batches": done, "world_size": trainer.world_size}
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            # where the epoch stands, so that a resumed run starts at the next unseen batch. The batch count
+            # belongs to the last epoch started, which may already count as completed (current_epoch is then
+            # one ahead of it)
+            fit = trainer.fit_loop
+            epoch = max(fit.epoch_progress.current.started - 1, 0)
+            done = fit.epoch_loop.batch_progress.current.processed
+            state["position"] = {"epoch": epoch, "batches": done, "world_size": trainer.world_size}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

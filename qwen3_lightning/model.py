@@ -82,6 +82,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new keys and values (B, nkv, T, hd) of ``layer``; returns all that attention may see."""
         keys, values = self.keys[layer], self.values[layer]
+        k, v = k.to(keys.dtype), v.to(values.dtype)  # under autocast, k and v come in the autocast dtype
         if self.index is not None:
             keys.index_copy_(2, self.index, k)
             values.index_copy_(2, self.index, v)
@@ -137,8 +138,6 @@ class Qwen3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         is_causal = mask is None and T > 1 and (cache is None or cache.length == 0)
-        if mask is None and not is_causal and T > 1:
-            raise ValueError("a multi-token step after a filled cache needs an explicit mask")
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads
         )

@@ -100,6 +100,7 @@ class Qwen3LightningModule(L.LightningModule):
             self.model = model
         else:
             self.model = Qwen3Transformer(self.config)
+        self.num_parameters = self.model.num_parameters()  # counted before sharding leaves each rank a part
         self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
         if self.hparams.compile:
             for layer in self.model.model.layers:
@@ -111,7 +112,29 @@ class Qwen3LightningModule(L.LightningModule):
         shape = getattr(self, "_last_batch_shape", None)
         if shape is None or self.model is None:
             return None
-        return flops_per_token(self.config, shape[1], self.model.num_parameters()) * shape[0] * shape[1]
+        return flops_per_token(self.config, shape[1], self.num_parameters) * shape[0] * shape[1]
+
+    def setup(self, stage: str) -> None:
+        max_length = getattr(self.trainer.datamodule, "max_length", None) if self._trainer else None
+        if max_length is not None and max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length={max_length} is longer than the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}. Lower data.max_length, or raise the model's "
+                "max_position_embeddings in model.overrides."
+            )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val and self._is_sharded() and gradient_clip_algorithm in (None, "norm"):
+            # Lightning's FSDP precision refuses norm clipping; FSDP's own clip_grad_norm_ computes the norm
+            # over all shards of all ranks
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)
@@ -181,8 +204,10 @@ class Qwen3LightningModule(L.LightningModule):
         hp = self.hparams
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            # by name, not by shape: under FSDP every parameter is a flat 1-D shard
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+                matrix = name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name
+                (decay if matrix else no_decay).append(p)
         fused = hp.fused
         if fused is None:
             fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not self._is_sharded()
@@ -209,6 +234,15 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        fit = checkpoint.get("loops", {}).get("fit_loop")
+        epochs = fit["epoch_progress"]["current"] if fit else None
+        if epochs and epochs["completed"] == epochs["started"] and fit["epoch_loop.batch_progress"]["is_last_batch"]:
+            # Saved after an epoch's last batch and its end (a SIGTERM there): Lightning (2.6) would restore the
+            # finished epoch's batch count and "last batch" flag into the next epoch, take that one as over too,
+            # and skip it whole on resume. The next epoch starts from its first batch.
+            progress = fit["epoch_loop.batch_progress"]
+            progress["current"].update(dict.fromkeys(progress["current"], 0))
+            progress["is_last_batch"] = False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -33,6 +33,8 @@ def checkpoint(tmp_path_factory) -> Path:
             str(corpus),
             "--data.val_split",
             "0.25",
+            "--data.max_length",
+            "32",
             "--model.overrides",
             overrides,
             "--trainer.max_steps",
@@ -141,6 +143,8 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
             str(corpus),
             "--data.val_split",
             "0.25",
+            "--data.max_length",
+            "32",
             "--ckpt_path",
             str(checkpoint),
             "--data.predict_path",
@@ -166,3 +170,17 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
         ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(r["prompt"])]])
         alone = model.eval().generate(ids, 6, temperature=0, eos_token_id=tokenizer.eos_token_id)
         assert r["text"] == tokenizer.decode(alone[0, ids.shape[1] :].tolist())
+
+
+def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
+    corpus = checkpoint.parents[1] / "poems.txt"
+    args = ["test", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
+            "--data.val_split", "0.25", "--data.max_length", "32", "--ckpt_path", str(checkpoint),
+            "--model.overrides", "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, "
+            "max_position_embeddings: 64}", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"test needs data: pass --data\.test_path"):
+        main(args)
+    main([*args, "--data.test_path", str(corpus)])
+    out = capsys.readouterr().out
+    assert "test_loss" in out and "test_ppl" in out

@@ -157,3 +157,28 @@ def test_fsdp_config_wraps_and_checkpoints_decoder_layers(tmp_path):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
     assert json.dumps(strategy._state_dict_type) == '"full"'
+
+
+def test_sharded_gradient_clipping_uses_fsdp_own_norm(monkeypatch):
+    module = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=40)
+    calls = []
+    wrapped = SimpleNamespace(clip_grad_norm_=lambda value: calls.append(value))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
+    monkeypatch.setattr(module, "_is_sharded", lambda: True)
+    module.configure_gradient_clipping(optimizer=None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert calls == [1.0]
+
+
+def test_weight_decay_is_chosen_by_name_so_flat_shards_keep_it(monkeypatch):
+    module = Qwen3LightningModule(overrides={"num_decoder_layer": 1, "tie_word_embeddings": False}, vocab_size=40)
+    module.configure_model()
+    for p in module.model.parameters():  # as FSDP with use_orig_params leaves them: flat 1-D shards
+        p.data = p.data.flatten()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10, strategy=None)
+    monkeypatch.setattr(module, "_is_sharded", lambda: True)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n in names.values() if n.endswith("proj.weight") or n == "lm_head.weight"
+    }
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0

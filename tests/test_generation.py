@@ -176,3 +176,12 @@ def test_streaming_builds_no_autograd_graph(pair, monkeypatch):
     for _ in ours.generate(torch.randint(4, 83, (1, 4)), 3, temperature=0, stream=True):
         assert torch.is_grad_enabled()  # the caller's mode is untouched between steps
     assert grad_modes == [False, False, False]  # prefill and two steps, all without autograd
+
+
+def test_generation_under_bf16_autocast(pair):
+    # as in `predict` with trainer.precision bf16-mixed: float32 weights and cache, bfloat16 activations
+    _, ours = pair
+    prompts = torch.randint(4, 83, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours.generate(prompts, 6, temperature=0, attention_mask=torch.ones_like(prompts))
+    assert out.shape == (2, 11)

@@ -1,6 +1,7 @@
 """Interrupted runs resume exactly, runs repeat exactly, bad input is refused clearly, checkpoints load safely."""
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -32,8 +33,8 @@ def corpus(tmp_path) -> Path:
 
 def fit_args(corpus: Path, root: Path, *extra: str) -> list[str]:
     fixed = (
-        "--data.val_split 0.125 --data.batch_size 2 --model.warmup_steps 3 --trainer.log_every_n_steps 1 "
-        "--trainer.enable_progress_bar false --trainer.max_epochs -1 --sampler.prompts []"
+        "--data.val_split 0.125 --data.batch_size 2 --data.max_length 32 --model.warmup_steps 3 "
+        "--trainer.log_every_n_steps 1 --trainer.enable_progress_bar false --trainer.max_epochs -1 --sampler.prompts []"
     ).split()
     return ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
             "--model.overrides", SMALL, "--trainer.default_root_dir", str(root), *fixed, *extra]  # fmt: skip
@@ -88,6 +89,46 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(corpus, tmp_
     for step, loss in resumed.items():
         assert loss == pytest.approx(expected[step], abs=1e-5), step
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 150
+
+
+class TermAt(nn.Module):
+    """Cross-entropy that sends this process SIGTERM (what a scheduler does before preemption) at its
+    ``step``-th training call: an interruption at an exact step, without timing."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize(
+    ("step", "extra"),
+    [
+        (11, []),  # mid-epoch, in the second epoch (7 steps an epoch)
+        (14, []),  # on the last batch of the second epoch
+        (10, ["--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null"]),  # after a val
+    ],
+    ids=["mid-epoch", "epoch-end", "after-mid-epoch-validation"],
+)
+def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
+    steps = ["--trainer.max_steps", "25", *extra]
+    main(fit_args(corpus, tmp_path / "reference", *steps))
+    expected = losses(tmp_path / "reference", 0)
+    run = tmp_path / "run"
+    criterion = f"{{class_path: {__name__}.TermAt, init_args: {{step: {step}}}}}"
+    with pytest.raises(SystemExit):  # Lightning ends a SIGTERM-ed run with SystemExit
+        main(fit_args(corpus, run, *steps, "--model.criterion", criterion))
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step
+    main(fit_args(corpus, run, *steps, "--ckpt_path", "last"))
+    resumed = [loss for _, loss in sorted(losses(run, 1).items())]
+    # compared in order: after a resume at an epoch's end, Lightning labels the logged steps one higher
+    assert resumed == pytest.approx([expected[s] for s in range(step, 25)], abs=1e-5)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
@@ -196,6 +237,14 @@ BAD_FIT_INPUT = {
     "unknown model field": (lambda d: ["--model.overrides", "{num_layers: 3}"], r"unknown Qwen3Config field\(s\)"),
     "bad learning rate": (lambda d: ["--model.learning_rate", "-1"], "learning_rate > 0"),
     "bad warmup": (lambda d: ["--model.warmup_steps", "1.5"], "warmup_steps=1.5 must be"),
+    "examples longer than the model's positions": (
+        lambda d: ["--data.max_length", "128"],
+        "data.max_length=128 is longer than the model's max_position_embeddings=64",
+    ),
+    "sample prompt longer than the model's positions": (
+        lambda d: ["--sampler.prompts", "[" + "春" * 70 + "]"],
+        "leave no room to generate within the model's max_position_embeddings=64",
+    ),
 }
 
 
@@ -257,6 +306,7 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
         (["--temperature", "-0.5"], "temperature=-0.5 must be >= 0"),
         (["--top_p", "0"], "top_p=0.0 must be in"),
         (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64"),
+        (["--num_samples", "0"], "num_samples=0 must be at least 1"),
     ],
 )
 def test_bad_generation_input_is_refused(corpus, tmp_path, args, message):
@@ -268,3 +318,20 @@ def test_bad_generation_input_is_refused(corpus, tmp_path, args, message):
         args = ["--ckpt_path", str(run / "checkpoints/last.ckpt"), *args]
     with pytest.raises(SystemExit, match=message):
         main(["generate", *args])
+
+
+def test_export_to_a_file_path_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    target = Path(write(tmp_path / "model.bin", "x"))
+    with pytest.raises(SystemExit, match="is a file; give the path of a directory"):
+        main(["export", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--out_dir", str(target)])
+    assert target.read_text() == "x"  # nothing lost
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_generate_on_cuda_without_a_gpu_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    with pytest.raises(SystemExit, match="this PyTorch sees no CUDA GPU; use --device cpu"):
+        main(["generate", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--device", "cuda"])
