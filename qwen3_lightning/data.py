@@ -468,8 +468,9 @@ class TextDataModule(L.LightningDataModule):
             elif position["batches"]:
                 rank_zero_warn(
                     f"the checkpoint was written mid-epoch by {position['world_size']} process(es) and this run has "
-                    f"{self.trainer.world_size}: the examples of an epoch are dealt out differently, so the "
-                    "interrupted epoch restarts from its first batch."
+                    f"{self.trainer.world_size}: the examples of an epoch are dealt out differently, so the rest "
+                    "of the interrupted epoch is drawn afresh (a few examples may be seen twice, others not at all, "
+                    "in that epoch only)."
                 )
         saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
         if saved != self.tokenizer:
