@@ -622,6 +622,11 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {m['torch']}, transformers {m['transformers']}, lightning {m['lightning']}; "
         f"load average at start {m['load_average_at_start'][0]:.2f}.\n"
     )
+    if args.quick:
+        print(
+            "**--quick is a smoke run** (tiny shapes, one or two timed steps): it checks that every case runs; "
+            "its numbers and ratios are not measurements.\n"
+        )
     if device.type == "cpu" and m["load_average_at_start"][0] > (os.cpu_count() or 1):
         print("**Warning:** other processes are using the CPU (see the load average); timings will be noisy.\n")
     ratios: dict[str, float | None] = {}
