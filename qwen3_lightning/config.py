@@ -5,7 +5,7 @@ This module imports no torch, so configs can be read and checked anywhere.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Shapes of the published checkpoints are from their config.json on the Hugging Face Hub
@@ -140,12 +140,6 @@ class Qwen3Config:
         if unknown:
             raise ValueError(f"unknown Qwen3Config field(s) {unknown}; valid fields: {', '.join(sorted(known))}.")
         return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """The init fields, for saving beside hyperparameters."""
-        d = asdict(self)
-        d.pop("num_key_value_groups")
-        return d
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> Qwen3Config:

@@ -18,33 +18,22 @@ POEMS = "\n\n".join(
 )
 
 
+OVERRIDES = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
+
+
+def cli_args(command: str, corpus: Path, root: Path, *extra: str) -> list[str]:
+    """A LightningCLI command on the tiny config with a one-layer model, writing under ``root``."""
+    return [command, "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
+            "--data.val_split", "0.25", "--data.max_length", "32", "--model.overrides", OVERRIDES,
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
     corpus = tmp / "poems.txt"
     corpus.write_text(POEMS, encoding="utf-8")
-    overrides = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs/tiny.yaml"),
-            "--data.train_path",
-            str(corpus),
-            "--data.val_split",
-            "0.25",
-            "--data.max_length",
-            "32",
-            "--model.overrides",
-            overrides,
-            "--trainer.max_steps",
-            "3",
-            "--trainer.default_root_dir",
-            str(tmp),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    main(cli_args("fit", corpus, tmp, "--trainer.max_steps", "3"))
     return tmp / "checkpoints" / "last.ckpt"
 
 
@@ -134,35 +123,9 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
     prompts.write_text("春眠\n\n床前明月\n举头\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     corpus = checkpoint.parents[1] / "poems.txt"
-    main(
-        [
-            "predict",
-            "--config",
-            str(ROOT / "configs/tiny.yaml"),
-            "--data.train_path",
-            str(corpus),
-            "--data.val_split",
-            "0.25",
-            "--data.max_length",
-            "32",
-            "--ckpt_path",
-            str(checkpoint),
-            "--data.predict_path",
-            str(prompts),
-            "--predict_writer.output_path",
-            str(out),
-            "--model.generate_kwargs",
-            "{max_new_tokens: 6, temperature: 0}",
-            "--model.overrides",
-            "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    main(cli_args("predict", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.predict_path", str(prompts),
+                  "--predict_writer.output_path", str(out), "--model.generate_kwargs",
+                  "{max_new_tokens: 6, temperature: 0}", "--trainer.logger", "false"))  # fmt: skip
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in records] == ["春眠", "床前明月", "举头"]
     model, tokenizer = load_checkpoint(checkpoint)
@@ -174,11 +137,7 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
 
 def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
     corpus = checkpoint.parents[1] / "poems.txt"
-    args = ["test", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus),
-            "--data.val_split", "0.25", "--data.max_length", "32", "--ckpt_path", str(checkpoint),
-            "--model.overrides", "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, "
-            "max_position_embeddings: 64}", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    args = cli_args("test", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--trainer.logger", "false")
     with pytest.raises(SystemExit, match=r"test needs data: pass --data\.test_path"):
         main(args)
     main([*args, "--data.test_path", str(corpus)])
