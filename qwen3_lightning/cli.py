@@ -7,7 +7,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -111,7 +111,7 @@ def generate(
     num_samples: int = 1,
     seed: int | None = None,
     device: str = "auto",
-    compile: bool = False,
+    compile: bool | Literal["max-autotune"] = False,
 ) -> list[str]:
     """Writes text from a training checkpoint, printing it as it is produced.
 
@@ -125,7 +125,9 @@ def generate(
         num_samples: how many continuations to write.
         seed: seed for reproducible sampling.
         device: cpu, cuda, or auto (cuda when available).
-        compile: compile the decoding step with torch.compile: a slow first sample, faster tokens after.
+        compile: compile the decoding step with torch.compile (true): a slow first sample, faster tokens after;
+            max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
+            of seconds and, on a CPU, about three times faster tokens again.
     """
     from qwen3_lightning.generation import check_sampling_args, generate_text
     from qwen3_lightning.interop import load_checkpoint

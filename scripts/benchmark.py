@@ -6,6 +6,7 @@ reported for it is its own. Tables go to stdout as Markdown, progress to stderr,
     python scripts/benchmark.py                       # small preset, all sections
     python scripts/benchmark.py --quick               # smoke run: tiny preset, a few steps
     python scripts/benchmark.py --sections train --compile --fused
+    python scripts/benchmark.py --precision bf16-mixed  # on a CPU with native bf16 (AVX512-BF16, AMX)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 SECTIONS = ("train", "decode", "data")
+PRECISIONS = ("32-true", "bf16-mixed")
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "zh_fortunes.txt"
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 """Datasheet dense bf16 tensor-core FLOP/s (SXM parts), matched against the CUDA device name."""
@@ -46,6 +48,7 @@ CASES = {
     "lightning": "ours, Lightning Trainer",
     "hf": "transformers Qwen3ForCausalLM, plain loop",
     "ours_ckpt": "ours, plain loop, gradient checkpointing",
+    "hf_fp32": "transformers Qwen3ForCausalLM, plain loop, float32",
     "ours_compiled": "ours, plain loop, torch.compile",
     "lightning_compiled": "ours, Lightning Trainer, torch.compile",
 }
@@ -72,6 +75,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="fresh processes per training case, interleaved (default 2; --quick: 1)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="training autocast and decoding weights (default: bf16-mixed on a GPU, 32-true on the CPU); "
+        "bf16-mixed on a CPU adds a transformers float32 row, the baseline a CPU user would otherwise run",
     )
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
@@ -105,6 +115,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.precision is None:
+        args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the Trainer timer measures from the end of a warmup step)")
     return args
@@ -122,9 +134,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 mixed precision on a GPU; float32 (no autocast) on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast for ``bf16-mixed`` (weights and optimizer stay float32, as Lightning does it); none for
+    ``32-true``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
 
 def max_rss_mb() -> float:
@@ -161,8 +178,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
 
 
-def peak_flops(device: torch.device, quick: bool) -> tuple[float | None, str]:
-    """The FLOP/s that MFU is measured against, and where it comes from."""
+def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[float | None, str]:
+    """The FLOP/s that MFU is measured against, and where it comes from: on a CPU, a large matmul in the
+    training's compute dtype (bf16 matmuls run at about twice the float32 rate on CPUs with AVX512-BF16)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
@@ -170,17 +188,32 @@ def peak_flops(device: torch.device, quick: bool) -> tuple[float | None, str]:
                 return peak, f"datasheet bf16 dense, {key}"
         return None, f"unknown GPU {name!r}: no MFU"
     n, reps = (1024, 5) if quick else (2048, 10)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = best_time(lambda: [torch.mm(a, b) for _ in range(reps)], device, rounds=5)
+    return 2 * n**3 * reps / seconds, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, " + (
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def memory_bandwidth(device: torch.device, quick: bool) -> float:
+    """Bytes per second that a sum over a buffer far larger than the caches reads: the ceiling of decoding at
+    batch 1, where every new token reads every weight once."""
+    x = torch.ones((16 if quick else 64) * 2**20, device=device)  # 64 MiB or 256 MiB of float32
+    return x.numel() * x.element_size() / best_time(lambda: x.sum(), device, rounds=5)
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, rounds: int) -> float:
+    """Seconds of the fastest of ``rounds`` calls, after two untimed ones."""
     for _ in range(2):
-        torch.mm(a, b)
-    rounds = []
-    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(rounds):
+        sync(device)
         start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        rounds.append(time.perf_counter() - start)
-    peak = 2 * n**3 * reps / min(rounds)
-    return peak, f"measured float32 {n}x{n} matmul, {torch.get_num_threads()} threads"
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -253,6 +286,7 @@ def time_plain_loop(
     args: argparse.Namespace,
     device: torch.device,
     warmup: int,
+    precision: str,
 ) -> list[float]:
     """Seconds of each timed step: forward, cross-entropy, backward, AdamW step, zero_grad."""
     model.to(device).train()
@@ -263,7 +297,7 @@ def time_plain_loop(
         batch = batches[step % len(batches)]
         sync(device)
         start = time.perf_counter()
-        with autocast(device):
+        with autocast(device, precision):
             loss = F.cross_entropy(forward(batch).flatten(0, 1), batch["labels"].flatten())
         loss.backward()
         optimizer.step()
@@ -316,7 +350,7 @@ def time_trainer(
         enable_model_summary=False,
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        precision=args.precision,
         callbacks=[timer],
         num_sanity_val_steps=0,
     )
@@ -341,7 +375,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         times = time_trainer(batches, args, device, warmup, compile=compiled)
     else:
         model: nn.Module = Qwen3Transformer(config)
-        if name == "hf":
+        if name.startswith("hf"):
             model = build_hf(config, model)
 
             def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -356,7 +390,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 # no mask: the batches have no padding, and Qwen3LightningModule drops an all-ones mask too
                 return model(b["input_ids"])
 
-        times = time_plain_loop(model, forward, batches, args, device, warmup)
+        times = time_plain_loop(model, forward, batches, args, device, warmup, case_precision(name, args))
     return {
         "step_s": times,
         "baseline_rss_mb": baseline,
@@ -403,20 +437,37 @@ def summarize_runs(runs: list[dict[str, Any]], tokens: int, flops: float, peak: 
     return s
 
 
+def case_precision(name: str, args: argparse.Namespace) -> str:
+    return "32-true" if name == "hf_fp32" else args.precision
+
+
+def train_cases(args: argparse.Namespace, device: torch.device) -> list[str]:
+    names = ["ours", "lightning", "hf", "ours_ckpt"]
+    if args.precision != "32-true" and device.type == "cpu":
+        names.append("hf_fp32")
+    if args.compile:
+        names += ["ours_compiled", "lightning_compiled"]
+    return names
+
+
 def train_section(
-    args: argparse.Namespace, argv: list[str], device: torch.device, peak: float | None
+    args: argparse.Namespace, argv: list[str], device: torch.device, peaks: dict[str, float | None]
 ) -> tuple[dict[str, Any], str]:
+    """``peaks``: the MFU peak of each precision the cases run in."""
     config = model_config(args)
     n_params = num_parameters(config)
     flops = flops_per_token(config, args.seq_len, n_params)
     tokens = args.batch_size * args.seq_len
-    names = ["ours", "lightning", "hf", "ours_ckpt"] + (["ours_compiled", "lightning_compiled"] if args.compile else [])
+    names = train_cases(args, device)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for repeat in range(args.repeats):  # round-robin, so a slow spell of the machine hits every case alike
         for name in names:
             print(f"[train] {CASES[name]} (process {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             runs[name].append(spawn_case(name, argv))
-    cases = {name: summarize_runs(results, tokens, flops, peak) for name, results in runs.items()}
+    cases = {
+        name: summarize_runs(results, tokens, flops, peaks[case_precision(name, args)])
+        for name, results in runs.items()
+    }
 
     def tps(name: str) -> float | None:
         return cases.get(name, {}).get("tokens_per_s")
@@ -477,8 +528,9 @@ def timed(
 
 
 def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], str]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(args.precision)
     n = args.new_tokens
+    bandwidth = memory_bandwidth(device, args.quick)
     results: dict[str, Any] = {}
     rows = []
     for preset in args.decode_presets.split(","):
@@ -487,6 +539,7 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
         ours = Qwen3Transformer(config)
         hf = build_hf(config, ours).to(device, dtype).eval()
         ours = ours.to(device, dtype).eval()
+        weight_bytes = ours.num_parameters() * dtype.itemsize
         for batch in (1, 8):
             print(f"[decode] {preset}, batch {batch} ...", file=sys.stderr, flush=True)
             g = torch.Generator().manual_seed(args.seed + batch)
@@ -499,12 +552,15 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
             def run_compiled(prompt: torch.Tensor = prompt, model: Qwen3Transformer = ours) -> torch.Tensor:
                 return model.generate(prompt, n, temperature=0, compile=True)
 
+            def run_autotuned(prompt: torch.Tensor = prompt, model: Qwen3Transformer = ours) -> torch.Tensor:
+                return model.generate(prompt, n, temperature=0, compile="max-autotune")
+
             def run_hf(prompt: torch.Tensor = prompt, mask: torch.Tensor = mask, model: nn.Module = hf) -> torch.Tensor:
                 return model.generate(
                     prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
                 )
 
-            fns = {"ours": run_ours, "ours_compiled": run_compiled, "hf": run_hf}
+            fns = {"ours": run_ours, "ours_compiled": run_compiled, "ours_max_autotune": run_autotuned, "hf": run_hf}
             for fn in fns.values():
                 fn()  # warm up (and compile)
             timings = timed(fns, device, args.decode_repeats)
@@ -512,10 +568,15 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
             out_hf = timings["hf"][1]
             r["greedy_outputs_equal"] = all(
                 timings[name][1].shape == out_hf.shape and bool(torch.equal(timings[name][1], out_hf))
-                for name in ("ours", "ours_compiled")
+                for name in ("ours", "ours_compiled", "ours_max_autotune")
             )
             r["ours_over_hf"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
             r["ours_compiled_over_hf"] = r["ours_compiled_tokens_per_s"] / r["hf_tokens_per_s"]
+            r["ours_max_autotune_over_hf"] = r["ours_max_autotune_tokens_per_s"] / r["hf_tokens_per_s"]
+            r["bandwidth_bound_tokens_per_s"] = batch * bandwidth / weight_bytes
+            r["ours_max_autotune_share_of_bound"] = (
+                r["ours_max_autotune_tokens_per_s"] / r["bandwidth_bound_tokens_per_s"]
+            )
             results[f"{preset}_batch_{batch}"] = r
             rows.append(
                 [
@@ -523,9 +584,13 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
                     batch,
                     r["ours_tokens_per_s"],
                     r["ours_compiled_tokens_per_s"],
+                    r["ours_max_autotune_tokens_per_s"],
                     r["hf_tokens_per_s"],
                     r["ours_over_hf"],
                     r["ours_compiled_over_hf"],
+                    r["ours_max_autotune_over_hf"],
+                    r["bandwidth_bound_tokens_per_s"],
+                    100 * r["ours_max_autotune_share_of_bound"],
                     r["greedy_outputs_equal"],
                 ]
             )
@@ -534,12 +599,17 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
         "batch",
         "ours tokens/s",
         "ours compiled tokens/s",
+        "ours max-autotune tokens/s",
         "transformers tokens/s",
         "ours / transformers",
         "compiled / transformers",
+        "max-autotune / transformers",
+        "bandwidth bound tokens/s",
+        "max-autotune, % of bound",
         "greedy outputs equal",
     ]
-    return results, markdown_table(headers, rows)
+    report = {"memory_bandwidth_gb_s": bandwidth / 1e9, "dtype": str(dtype), "cases": results}
+    return report, markdown_table(headers, rows)
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -631,18 +701,21 @@ def main(argv: list[str] | None = None) -> None:
         print("**Warning:** other processes are using the CPU (see the load average); timings will be noisy.\n")
     ratios: dict[str, float | None] = {}
     if "train" in args.sections:
-        peak, source = peak_flops(device, args.quick)
-        report["peak_flops"], report["peak_flops_source"] = peak, source
-        train, table = train_section(args, argv, device, peak)
+        precisions = sorted({case_precision(name, args) for name in train_cases(args, device)})
+        peaks = {p: peak_flops(device, args.quick, compute_dtype(p)) for p in precisions}
+        report["peak_flops"] = {p: {"flops": f, "source": src} for p, (f, src) in peaks.items()}
+        train, table = train_section(args, argv, device, {p: f for p, (f, _) in peaks.items()})
         report["train"] = train
         print(
             f"## Training: preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, vocabulary "
-            f"{args.vocab_size}, {'bf16-mixed' if device.type == 'cuda' else 'float32'}, "
-            f"{'fused' if args.fused else 'default (foreach)'} AdamW\n"
+            f"{args.vocab_size}, {args.precision}, {'fused' if args.fused else 'default (foreach)'} AdamW\n"
+        )
+        peak_text = "; ".join(
+            f"{p}: {f / 1e9 if f else float('nan'):,.0f} GFLOP/s ({src})" for p, (f, src) in peaks.items()
         )
         print(
             f"{train['num_parameters']:,} parameters; {train['flops_per_token'] / 1e6:.1f} MFLOP per token; "
-            f"MFU peak: {peak / 1e9 if peak else float('nan'):,.0f} GFLOP/s ({source}). Each case runs in "
+            f"MFU peak {peak_text}. Each case runs in "
             f"{args.repeats} fresh process(es), {args.warmup} warmup + {args.steps} timed steps each. tokens/s and "
             "MFU come from the fastest step (other processes only slow steps down); memory is the largest of the "
             "processes, and RSS increase is peak RSS minus the RSS after imports."
@@ -655,6 +728,10 @@ def main(argv: list[str] | None = None) -> None:
             return cases.get(name, {}).get("tokens_per_s")
 
         ratios["train: ours / transformers (tokens/s)"] = ratio(tps("ours"), tps("hf"))
+        if "hf_fp32" in cases:
+            ratios[f"train: ours {args.precision} / transformers float32 (tokens/s)"] = ratio(
+                tps("ours"), tps("hf_fp32")
+            )
         ratios["train: Lightning Trainer / plain loop (tokens/s)"] = ratio(tps("lightning"), tps("ours"))
         ratios["train: gradient checkpointing / plain loop (tokens/s)"] = ratio(tps("ours_ckpt"), tps("ours"))
         if args.compile:
@@ -665,14 +742,21 @@ def main(argv: list[str] | None = None) -> None:
         report["decode"] = decode
         print(
             f"## Greedy decoding: prompt {args.prompt_len} tokens, {args.new_tokens} new "
-            f"tokens, {'bf16' if device.type == 'cuda' else 'float32'}, best of {args.decode_repeats} "
-            "(tokens/s counts new tokens of all rows; the prompt's prefill is included in the time)\n"
+            f"tokens, weights in {str(compute_dtype(args.precision)).removeprefix('torch.')}, best of "
+            f"{args.decode_repeats} (tokens/s counts new tokens of all rows; the prompt's prefill is included in "
+            "the time). Bandwidth bound: the tokens/s at which each step would just read every weight once at "
+            f"the measured memory bandwidth ({decode['memory_bandwidth_gb_s']:.1f} GB/s, a sum over a buffer "
+            "larger than the caches); the share of it reached shows whether a case is limited by memory "
+            "traffic or by per-step overhead.\n"
         )
         print(table + "\n")
-        for key, r in decode.items():
+        for key, r in decode["cases"].items():
             ratios[f"decode {key.replace('_', ' ')}: ours / transformers (tokens/s)"] = r["ours_over_hf"]
             ratios[f"decode {key.replace('_', ' ')}: ours compiled / transformers (tokens/s)"] = r[
                 "ours_compiled_over_hf"
+            ]
+            ratios[f"decode {key.replace('_', ' ')}: ours max-autotune / transformers (tokens/s)"] = r[
+                "ours_max_autotune_over_hf"
             ]
     if "data" in args.sections:
         data, text = data_section(args)

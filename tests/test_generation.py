@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,6 +163,28 @@ def test_compiled_decoding_equals_eager(pair):
     assert torch.equal(compiled, eager)
     again = ours.generate(prompts, 20, temperature=0, attention_mask=mask, compile=True)  # reuses the graph
     assert torch.equal(again[:, :18], eager)
+
+
+def test_max_autotune_decoding_equals_eager_and_follows_weight_changes():
+    # freezing folds the weights into the graph: after an in-place update it must compile again, not reuse them
+    torch.manual_seed(0)
+    model = Qwen3Transformer(dataclasses.replace(CONFIG, initializer_range=0.2)).eval()
+    prompts = torch.randint(4, 83, (2, 5))
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0
+    eager = model.generate(prompts, 8, temperature=0, attention_mask=mask)
+    assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), eager)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # tied to the embedding: both change
+    changed = model.generate(prompts, 8, temperature=0, attention_mask=mask)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), changed)
+
+
+def test_unknown_compile_mode_is_refused(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="compile='fast'"):
+        ours.generate(torch.tensor([[5, 6]]), 4, compile="fast")
 
 
 def test_streaming_builds_no_autograd_graph(pair, monkeypatch):
