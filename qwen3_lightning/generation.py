@@ -103,12 +103,13 @@ _COMPILE_COUNT = itertools.count()
 
 
 def _compiled_forward(model: Qwen3Transformer, mode: bool | str) -> Callable[..., torch.Tensor]:
-    """The decoding step of ``model`` through ``torch.compile``: compiled on first use and reused, since every
-    step has the same shapes; compiled again for another mode, or when the weights changed in between."""
-    key = (mode, _weights_version(model) if mode == "max-autotune" else None)
-    if model not in _COMPILED or _COMPILED[model][0] != key:
-        _COMPILED[model] = (key, _compile_step(model, frozen=mode == "max-autotune"))
-    return _COMPILED[model][1]
+    """The decoding step of ``model`` through ``torch.compile`` in ``mode``: compiled on first use and reused,
+    since every step has the same shapes; with frozen weights, compiled again when they changed in between."""
+    steps = _COMPILED.setdefault(model, {})
+    version = _weights_version(model) if mode == "max-autotune" else None
+    if mode not in steps or steps[mode][0] != version:
+        steps[mode] = (version, _compile_step(model, frozen=mode == "max-autotune"))
+    return steps[mode][1]
 
 
 def _weights_version(model: Qwen3Transformer) -> tuple[tuple[int, int], ...]:

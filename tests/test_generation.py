@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -179,6 +180,28 @@ def test_max_autotune_decoding_equals_eager_and_follows_weight_changes():
     changed = model.generate(prompts, 8, temperature=0, attention_mask=mask)
     assert not torch.equal(changed, eager)
     assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), changed)
+
+
+def test_each_compile_mode_is_compiled_once_per_weights(monkeypatch):
+    from qwen3_lightning import generation
+
+    compiled = []
+
+    def fake_compile(model, frozen):  # counts compilations; the step itself runs eagerly
+        compiled.append(frozen)
+        return functools.partial(generation._step, model)
+
+    monkeypatch.setattr(generation, "_compile_step", fake_compile)
+    model = Qwen3Transformer(CONFIG).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    for mode in (True, "max-autotune", True, "max-autotune", False):
+        model.generate(prompt, 3, temperature=0, compile=mode)
+    assert compiled == [False, True]  # alternating modes reuses both graphs
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.generate(prompt, 3, temperature=0, compile=True)  # plain graphs read the weights at every call
+    model.generate(prompt, 3, temperature=0, compile="max-autotune")  # frozen ones hold old weights: recompiled
+    assert compiled == [False, True, True]
 
 
 def test_unknown_compile_mode_is_refused(pair):
