@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -134,7 +135,20 @@ class Qwen3LightningModule(L.LightningModule):
             # over all shards of all ranks
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and self._bf16_mixed():
+            # Lightning refuses to clip for a fused optimizer under any mixed precision, because under float16 the
+            # gradients are still scaled then; bf16-mixed has no scaler, so they are true gradients to clip
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _bf16_mixed(self) -> bool:
+        plugin = self.trainer.precision_plugin
+        return isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)
@@ -209,8 +223,12 @@ class Qwen3LightningModule(L.LightningModule):
                 matrix = name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name
                 (decay if matrix else no_decay).append(p)
         fused = hp.fused
-        if fused is None:
-            fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not self._is_sharded()
+        if fused is None:  # not under float16 autocast: its scaled gradients could not be clipped before the step
+            fused = (
+                all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
+                and not self._is_sharded()
+                and self.trainer.precision not in ("16-mixed", "16")
+            )
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.learning_rate,

@@ -207,6 +207,49 @@ def test_overfits_one_batch():
     assert loss.item() < 0.05
 
 
+class ClipRecorder(Qwen3LightningModule):
+    """Records the total gradient norm right after clipping, and whether the optimizer is fused."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.clipped_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        self.fused = optimizer.param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradients_are_clipped_with_the_fused_optimizer(precision):
+    # Lightning's own mixed-precision clipping refuses fused optimizers; bf16-mixed (the default on GPUs)
+    # with the default fused AdamW and clipping must still train, with clipped gradients
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = ClipRecorder(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
+    model.clipped_norms = []
+    trainer = L.Trainer(
+        max_steps=3,
+        precision=precision,
+        gradient_clip_val=1e-3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, data)
+    assert trainer.global_step == 3 and model.fused
+    assert len(model.clipped_norms) == 3
+    assert all(norm == pytest.approx(1e-3, rel=1e-3) for norm in model.clipped_norms)  # raw norms are far above
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("16-mixed", False), ("bf16-mixed", True), ("32-true", True)])
+def test_fused_adamw_by_default_except_under_float16(precision, fused, monkeypatch):
+    # float16 gradients are still scaled when Lightning clips them, which it cannot do for a fused optimizer
+    model = Qwen3LightningModule(vocab_size=50)
+    model.configure_model()
+    model.trainer = L.Trainer(max_steps=10, logger=False)
+    monkeypatch.setattr(L.Trainer, "precision", property(lambda self: precision))  # 16-mixed needs a GPU
+    assert bool(model.configure_optimizers()["optimizer"].param_groups[0]["fused"]) is fused
+
+
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = Qwen3LightningModule(overrides={"attention_bias": True, "tie_word_embeddings": False}, vocab_size=50)
     model.configure_model()
