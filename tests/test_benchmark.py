@@ -1,0 +1,39 @@
+"""scripts/benchmark.py runs end to end. A --quick run only: its timings are not measurements and are not checked,
+only that every case ran and reported what the README reads from it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import POEMS
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text("\n\n".join(POEMS * 20), encoding="utf-8")
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--sections", "train,data", "--precision", "bf16-mixed", "--corpus", str(corpus)]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv, "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    # bf16-mixed on a CPU adds transformers in float32, with its MFU taken against the float32 peak
+    cases = report["train"]["cases"]
+    assert set(cases) == {"ours", "lightning", "hf", "ours_ckpt", "hf_fp32"}
+    for name, case in cases.items():
+        assert "error" not in case, (name, case.get("error"))
+        assert case["tokens_per_s"] > 0 and case["mfu"] > 0 and case["peak_rss_mb"] > 0, name
+    peaks = report["peak_flops"]
+    assert set(peaks) == {"bf16-mixed", "32-true"}
+    assert "bfloat16" in peaks["bf16-mixed"]["source"] and "float32" in peaks["32-true"]["source"]
+    assert "train: ours bf16-mixed / transformers float32 (tokens/s)" in report["ratios"]
+
+    modes = report["data"]["modes"]
+    real = [modes[m]["real_fraction"] for m in ("padded to longest", "bucket_by_length", "packing")]
+    assert 0 < real[0] <= real[1] <= 1 and real[2] > 0.99
+    assert "| ours, plain loop |" in proc.stdout  # the Markdown table
