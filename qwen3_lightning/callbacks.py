@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,34 @@ class ResumeCheckpoint(L.Callback):
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s, and MFU
-    where the device's peak is known (GPUs), from the module's ``flops_per_batch``."""
+    """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s and MFU from
+    the module's ``flops_per_batch``. MFU is over the datasheet peak on GPUs Lightning knows; on a CPU, over a
+    matmul timed at setup in the run's compute dtype (a fraction of a second)."""
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+            dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else torch.float32
+            self.available_flops = matmul_flops(dtype)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of the fastest of four rounds of ``reps`` (n x n) @ (n x n) matmuls on the CPU, after one round of
+    warmup: what its matrix units reach in ``dtype``, the peak that MFU is measured against there."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = float("inf")
+    for i in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if i > 0:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * reps / best
 
 
 class TextSampler(L.Callback):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from qwen3_lightning.callbacks import matmul_flops
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
@@ -188,11 +189,8 @@ def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[f
                 return peak, f"datasheet bf16 dense, {key}"
         return None, f"unknown GPU {name!r}: no MFU"
     n, reps = (1024, 5) if quick else (2048, 10)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = best_time(lambda: [torch.mm(a, b) for _ in range(reps)], device, rounds=5)
-    return 2 * n**3 * reps / seconds, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, " + (
-        f"{torch.get_num_threads()} threads"
-    )
+    peak = matmul_flops(dtype, n, reps)  # what training runs log MFU against on a CPU too (at n=1024)
+    return peak, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, {torch.get_num_threads()} threads"
 
 
 def memory_bandwidth(device: torch.device, quick: bool) -> float:
