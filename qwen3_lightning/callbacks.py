@@ -77,15 +77,18 @@ class ResumeCheckpoint(L.Callback):
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s and MFU from
     the module's ``flops_per_batch``. MFU is over the datasheet peak on GPUs Lightning knows; on a CPU, over a
-    matmul timed at setup in the run's compute dtype (a fraction of a second)."""
+    matmul timed at setup in the run's compute dtype (float32 or bfloat16; a fraction of a second). With several
+    processes on one CPU each times its matmul while the others do too, so MFU there is approximate."""
 
     def __init__(self, window_size: int = 50) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.available_flops is None and trainer.strategy.root_device.type == "cpu":
-            dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else torch.float32
+        dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}.get(
+            str(trainer.precision)
+        )
+        if self.available_flops is None and trainer.strategy.root_device.type == "cpu" and dtype is not None:
             self.available_flops = matmul_flops(dtype)
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.available_flops

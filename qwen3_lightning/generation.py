@@ -104,44 +104,53 @@ _COMPILE_COUNT = itertools.count()
 
 def _compiled_forward(model: Qwen3Transformer, mode: bool | str) -> Callable[..., torch.Tensor]:
     """The decoding step of ``model`` through ``torch.compile`` in ``mode``: compiled on first use and reused,
-    since every step has the same shapes; with frozen weights, compiled again when they changed in between."""
+    since every step has the same shapes; with frozen weights, compiled again when their values changed."""
     steps = _COMPILED.setdefault(model, {})
-    version = _weights_version(model) if mode == "max-autotune" else None
-    if mode not in steps or steps[mode][0] != version:
-        steps[mode] = (version, _compile_step(model, frozen=mode == "max-autotune"))
+    fingerprint = _weights_fingerprint(model) if mode == "max-autotune" else None
+    if mode not in steps or steps[mode][0] != fingerprint:
+        steps[mode] = (fingerprint, _compile_step(model, frozen=mode == "max-autotune"))
     return steps[mode][1]
 
 
-def _weights_version(model: Qwen3Transformer) -> tuple[tuple[int, int], ...]:
-    """Changes whenever a weight is replaced, moved or written in place (an optimizer step, ``load_state_dict``)."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+def _weights_fingerprint(model: Qwen3Transformer) -> list[tuple[int, int, float]]:
+    """Where each weight lives, the XOR of its bits and its sum: not the tensors' version counters, which fused
+    optimizer steps and writes through ``.data`` leave unchanged. The sum catches what XOR cancels out (every
+    element negated, or a constant tensor changed to another). Costs about one decoding step."""
+    fingerprint = []
+    for t in (*model.parameters(), *model.buffers()):
+        t = t.detach()
+        bits = torch.hash_tensor(t).view(torch.int64).item()
+        fingerprint.append((t.data_ptr(), bits, t.sum(dtype=torch.float64).item()))
+    return fingerprint
 
 
 def _compile_step(model: Qwen3Transformer, frozen: bool) -> Callable[..., torch.Tensor]:
     """``frozen``: compile with Inductor's freezing and max-autotune. The weights are folded into the graph as
     constants and prepacked for GEMM kernels picked by timing them: on a CPU, batch-1 decoding runs about three
     times faster than with plain compilation, whose one-token matmuls leave most of the memory bandwidth unused.
-    The price is a first call of tens of seconds, and a graph that holds the weights of its time: so it is
-    compiled again when they change, from a new code object, because torch.compile keeps its graphs per code
-    object and would otherwise hand the stale one back."""
+    The price is a first call of tens of seconds (again for each new batch size or cache size), and a graph
+    that holds the weights of its time: so it is compiled again when they change, from a new code object,
+    because torch.compile keeps its graphs per code object and would otherwise hand the stale one back. Inductor
+    keeps the compiled modules it loads, each old graph's copy of the weights included, until the process ends.
+    The step holds the model weakly, so that the cache of compiled steps does not keep it alive."""
     from torch._inductor import config as inductor_config
 
     code = _step.__code__.replace(co_name=f"decode_step_{next(_COMPILE_COUNT)}")
     fn = types.FunctionType(code, _step.__globals__)
     step = torch.compile(fn, dynamic=False, mode="max-autotune-no-cudagraphs" if frozen else None)
-    if not frozen:
-        return functools.partial(step, model)
-
+    model_ref = weakref.ref(model)
     # freezing is read while compiling (torch.compile has no option for it); the others keep the timing tables
     # and a deprecation warning from inside Inductor out of the user's terminal
-    quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    frozen_config = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
-    def frozen_step(*args: object, **kwargs: object) -> torch.Tensor:
-        with inductor_config.patch(freezing=True, **quiet), warnings.catch_warnings():
+    def compiled_step(*args: object, **kwargs: object) -> torch.Tensor:
+        if not frozen:
+            return step(model_ref(), *args, **kwargs)
+        with inductor_config.patch(frozen_config), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            return step(model, *args, **kwargs)
+            return step(model_ref(), *args, **kwargs)
 
-    return frozen_step
+    return compiled_step
 
 
 def _step(model: Qwen3Transformer, *args: object, **kwargs: object) -> torch.Tensor:

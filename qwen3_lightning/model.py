@@ -323,7 +323,8 @@ class Qwen3Transformer(nn.Module):
         ``compile=True`` runs the decoding step through ``torch.compile`` (one fixed-shape graph, compiled on the
         first call and reused): much less Python overhead per token, for long generations. ``compile="max-autotune"``
         also freezes the weights into the graph and picks GEMM kernels by timing them: on a CPU about three times
-        faster at batch 1 again, after a first call of tens of seconds; it recompiles if the weights change.
+        faster at batch 1 again, after a first call of tens of seconds; it recompiles if the weights change, and
+        each recompile keeps its copy of the weights until the process ends (not for sampling during training).
         """
         from qwen3_lightning.generation import decode_loop
 

@@ -184,6 +184,8 @@ def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[f
     training's compute dtype (bf16 matmuls run at about twice the float32 rate on CPUs with AVX512-BF16)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        if dtype != torch.bfloat16:
+            return None, f"no datasheet {dtype} peak for GPUs here: no MFU"
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"datasheet bf16 dense, {key}"

@@ -2,6 +2,7 @@
 only that every case ran and reported what the README reads from it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path)
     corpus.write_text("\n\n".join(POEMS * 20), encoding="utf-8")
     out = tmp_path / "bench.json"
     argv = ["--quick", "--sections", "train,data", "--precision", "bf16-mixed", "--corpus", str(corpus)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU cases, whatever the machine has
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv, "--json", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(SCRIPT), *argv, "--json", str(out)], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

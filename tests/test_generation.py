@@ -1,5 +1,7 @@
 import dataclasses
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -166,8 +168,20 @@ def test_compiled_decoding_equals_eager(pair):
     assert torch.equal(again[:, :18], eager)
 
 
-def test_max_autotune_decoding_equals_eager_and_follows_weight_changes():
-    # freezing folds the weights into the graph: after an in-place update it must compile again, not reuse them
+def fused_adamw_step(model: Qwen3Transformer) -> None:
+    # fused AdamW writes the weights without bumping their version counters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(torch.tensor([[5, 6, 7, 8]])).logsumexp(-1).sum().backward()
+    optimizer.step()
+
+
+def scale_through_data(model: Qwen3Transformer) -> None:
+    model.lm_head.weight.data.mul_(-1.0)  # tied to the embedding: both change; .data writes bump no version
+
+
+@pytest.mark.parametrize("change", [fused_adamw_step, scale_through_data])
+def test_max_autotune_decoding_equals_eager_and_follows_weight_changes(change):
+    # freezing folds the weights into the graph: after they change it must compile again, not reuse them
     torch.manual_seed(0)
     model = Qwen3Transformer(dataclasses.replace(CONFIG, initializer_range=0.2)).eval()
     prompts = torch.randint(4, 83, (2, 5))
@@ -175,11 +189,20 @@ def test_max_autotune_decoding_equals_eager_and_follows_weight_changes():
     mask[1, :2] = 0
     eager = model.generate(prompts, 8, temperature=0, attention_mask=mask)
     assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), eager)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(-1.0)  # tied to the embedding: both change
+    change(model)
     changed = model.generate(prompts, 8, temperature=0, attention_mask=mask)
     assert not torch.equal(changed, eager)
     assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), changed)
+
+
+@pytest.mark.parametrize("mode", [True, "max-autotune"])
+def test_compiled_steps_do_not_keep_the_model_alive(mode):
+    model = Qwen3Transformer(CONFIG).eval()
+    model.generate(torch.tensor([[5, 6]]), 3, temperature=0, compile=mode)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_each_compile_mode_is_compiled_once_per_weights(monkeypatch):

@@ -183,6 +183,7 @@ def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
     trainer = L.Trainer(
         max_steps=6,
+        accelerator="cpu",
         callbacks=[TokenThroughput(window_size=2)],
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
         log_every_n_steps=1,
