@@ -112,14 +112,17 @@ def _compiled_forward(model: Qwen3Transformer, mode: bool | str) -> Callable[...
     return steps[mode][1]
 
 
-def _weights_fingerprint(model: Qwen3Transformer) -> list[tuple[int, int, float]]:
+def _weights_fingerprint(model: Qwen3Transformer) -> list[tuple[int, float, float]]:
     """Where each weight lives, the XOR of its bits and its sum: not the tensors' version counters, which fused
     optimizer steps and writes through ``.data`` leave unchanged. The sum catches what XOR cancels out (every
     element negated, or a constant tensor changed to another). Costs about one decoding step."""
     fingerprint = []
     for t in (*model.parameters(), *model.buffers()):
         t = t.detach()
-        bits = torch.hash_tensor(t).view(torch.int64).item()
+        if hasattr(torch, "hash_tensor"):
+            bits = torch.hash_tensor(t).view(torch.int64).item()
+        else:  # older torch: the sum of squares stands in
+            bits = t.double().square().sum().item()
         fingerprint.append((t.data_ptr(), bits, t.sum(dtype=torch.float64).item()))
     return fingerprint
 
