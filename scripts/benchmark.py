@@ -85,6 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "bf16-mixed on a CPU adds a transformers float32 row, the baseline a CPU user would otherwise run",
     )
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated training cases to keep, of {', '.join(CASES)} (default: all that apply); "
+        "'ours' always runs, as the reference of the other rows",
+    )
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default 200; --quick: 16)")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -116,6 +122,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.cases is not None:
+        args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = sorted(set(args.cases) - set(CASES))
+        if unknown:
+            p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
     if args.precision is None:
         args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     if args.warmup < 1 or args.steps < 1:
@@ -447,7 +458,7 @@ def train_cases(args: argparse.Namespace, device: torch.device) -> list[str]:
         names.append("hf_fp32")
     if args.compile:
         names += ["ours_compiled", "lightning_compiled"]
-    return names
+    return [n for n in names if args.cases is None or n in args.cases or n == "ours"]
 
 
 def train_section(
