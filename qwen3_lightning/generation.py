@@ -135,7 +135,8 @@ def _compile_step(model: Qwen3Transformer, frozen: bool) -> Callable[..., torch.
     that holds the weights of its time: so it is compiled again when they change, from a new code object,
     because torch.compile keeps its graphs per code object and would otherwise hand the stale one back. Inductor
     keeps the compiled modules it loads, each old graph's copy of the weights included, until the process ends.
-    The step holds the model weakly, so that the cache of compiled steps does not keep it alive."""
+    The step holds the model weakly, so that the cache of compiled steps does not keep it alive. Inductor's
+    config is process-wide: a compilation in another thread at the same moment would see freezing too."""
     from torch._inductor import config as inductor_config
 
     code = _step.__code__.replace(co_name=f"decode_step_{next(_COMPILE_COUNT)}")
