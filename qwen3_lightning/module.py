@@ -135,7 +135,7 @@ class Qwen3LightningModule(L.LightningModule):
             # over all shards of all ranks
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        if gradient_clip_val and self._bf16_mixed():
+        if gradient_clip_val and self._mixed_precision_without_scaler():
             # Lightning refuses to clip for a fused optimizer under any mixed precision, because under float16 the
             # gradients are still scaled then; bf16-mixed has no scaler, so they are true gradients to clip
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -146,9 +146,9 @@ class Qwen3LightningModule(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def _bf16_mixed(self) -> bool:
+    def _mixed_precision_without_scaler(self) -> bool:
         plugin = self.trainer.precision_plugin
-        return isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
+        return isinstance(plugin, MixedPrecision) and plugin.scaler is None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)
@@ -227,7 +227,7 @@ class Qwen3LightningModule(L.LightningModule):
             fused = (
                 all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
                 and not self._is_sharded()
-                and self.trainer.precision not in ("16-mixed", "16")
+                and self.trainer.precision != "16-mixed"
             )
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -64,6 +64,12 @@ def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
 
 
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer for in-process fits: no checkpoints, bar or summary; no logger unless one is given."""
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
 def test_warmup_cosine_shape():
     values = [warmup_cosine(s, 10, 110, 0.1) for s in range(130)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
@@ -162,14 +168,7 @@ def test_plain_trainer_without_the_cli(tmp_path):
         learning_rate=3e-3,
         warmup_steps=2,
     )
-    trainer = L.Trainer(
-        max_steps=30,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=30, default_root_dir=tmp_path)
     start = trainer.validate(model, data, verbose=False)[0]["val_loss"]
     trainer.fit(model, data)
     end = trainer.callback_metrics["val_loss"].item()
@@ -181,15 +180,12 @@ def test_plain_trainer_without_the_cli(tmp_path):
 def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
     model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=6,
         accelerator="cpu",
         callbacks=[TokenThroughput(window_size=2)],
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
         log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(model, data)
@@ -215,14 +211,7 @@ def test_overfits_one_batch():
         warmup_steps=0,
         weight_decay=0.0,
     )
-    trainer = L.Trainer(
-        max_steps=100,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=100, limit_val_batches=0)
     trainer.fit(model, torch.utils.data.DataLoader([batch], batch_size=None))  # the same batch every step
     # the first character after <bos> differs between the poems and cannot be memorized; the rest can
     batch["labels"][:, 0] = -100
@@ -249,16 +238,7 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
     data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
     model = ClipRecorder(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
     model.clipped_norms = []
-    trainer = L.Trainer(
-        max_steps=3,
-        precision=precision,
-        gradient_clip_val=1e-3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=3, precision=precision, gradient_clip_val=1e-3, limit_val_batches=0)
     trainer.fit(model, data)
     assert trainer.global_step == 3 and model.fused
     assert len(model.clipped_norms) == 3
