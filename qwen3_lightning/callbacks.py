@@ -97,7 +97,8 @@ class TokenThroughput(ThroughputMonitor):
 def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
     """FLOP/s of the fastest of four rounds of ``reps`` (n x n) @ (n x n) matmuls on the CPU, after one round of
     warmup: what its matrix units reach in ``dtype``, the peak that MFU is measured against there."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # not the global generator: timing must not change the run's random draws
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     best = float("inf")
     for i in range(5):
         start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import POEMS
 
-from qwen3_lightning.callbacks import TokenThroughput
+from qwen3_lightning.callbacks import TokenThroughput, matmul_flops
 from qwen3_lightning.cli import Qwen3CLI, main
 from qwen3_lightning.data import TextDataModule, collate
 from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
@@ -196,6 +196,13 @@ def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     # against a matmul timed on this CPU at setup; a 2-layer model with batches of a few dozen tokens is far
     # from it, but above zero and below the peak
     assert len(mfu) == len(tokens_per_s) and all(0 < v < 1 for v in mfu)
+
+
+def test_timing_the_cpu_peak_leaves_the_random_state_alone():
+    # it runs in setup, before the model is initialized: drawing from the global generator would change the weights
+    state = torch.get_rng_state()
+    assert matmul_flops(torch.float32, n=64) > 0
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_overfits_one_batch():
