@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,53 @@ class ResumeCheckpoint(L.Callback):
 
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s and MFU from
-    the module's ``flops_per_batch``. MFU is over the datasheet peak on GPUs Lightning knows; on a CPU, over a
-    matmul timed at setup in the run's compute dtype (float32 or bfloat16; a fraction of a second). With several
+    the module's ``flops_per_batch`` once ``window_size`` batches are in. MFU is over a peak in the run's compute
+    dtype: on a CPU, a matmul timed at setup (a fraction of a second); on data-center GPUs in bf16 or float16,
+    the datasheet's dense tensor-core peak (``gpu_bf16_peak``); elsewhere, Lightning's table. With several
     processes on one CPU each times its matmul while the others do too, so MFU there is approximate."""
 
-    def __init__(self, window_size: int = 50) -> None:
+    def __init__(self, window_size: int = 10) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}.get(
-            str(trainer.precision)
-        )
-        if self.available_flops is None and trainer.strategy.root_device.type == "cpu" and dtype is not None:
-            self.available_flops = matmul_flops(dtype)
+        peak = self._peak(trainer)
+        with warnings.catch_warnings():
+            if peak is not None:  # Lightning's "FLOPs not found for <GPU>", for GPUs this class knows
+                warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
+        if peak is not None:
+            self.available_flops = peak
             for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+                throughput.available_flops = peak
+
+    @staticmethod
+    def _peak(trainer: L.Trainer) -> float | None:
+        device, precision = trainer.strategy.root_device, str(trainer.precision)
+        if device.type == "cuda" and precision in ("bf16-mixed", "bf16-true", "16-mixed", "16-true"):
+            return gpu_bf16_peak(torch.cuda.get_device_name(device))
+        dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}.get(precision)
+        if device.type == "cpu" and dtype is not None:
+            return matmul_flops(dtype)
+        return None
+
+
+def gpu_bf16_peak(device_name: str) -> float | None:
+    """Dense bf16 (and float16) tensor-core FLOP/s from NVIDIA's datasheets, by ``torch.cuda.get_device_name``.
+
+    Sources: the H100, H200 and A100 datasheets (their tables give "with sparsity" figures, twice these).
+    Lightning's table (2.6) does not match the H200 SXM's name ("NVIDIA H200") and, for the NVL parts, holds
+    figures of twice the dense peak or more. None for GPUs not listed here.
+    """
+    name = device_name.lower()
+    if "h100" in name or "h200" in name:  # GH200 too: an H100/H200 chip with a Grace CPU
+        if "nvl" in name:
+            return 835e12
+        if "pcie" in name:
+            return 756e12
+        return 989e12  # SXM: "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    if "a100" in name:
+        return 312e12
+    return None
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:

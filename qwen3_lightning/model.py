@@ -51,8 +51,13 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq(self.inv_freq.device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # cast with the module (bf16-true, FSDP's mixed precision casts buffers too): frequencies rounded to
+            # bf16 would turn the angles at position 1000 by up to a radian, so they are rebuilt in float32
+            inv_freq = self._inv_freq(inv_freq.device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
-            freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+            freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
             angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
             return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -109,11 +109,13 @@ class Qwen3LightningModule(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> float | None:
-        """Training FLOPs of the last batch, read by Lightning's ``ThroughputMonitor``."""
+        """FLOPs of the last batch, read by Lightning's ``ThroughputMonitor``: forward and backward in training,
+        the forward (a third of that) in validation and test."""
         shape = getattr(self, "_last_batch_shape", None)
         if shape is None or self.model is None:
             return None
-        return flops_per_token(self.config, shape[1], self.num_parameters) * shape[0] * shape[1]
+        flops = flops_per_token(self.config, shape[1], self.num_parameters) * shape[0] * shape[1]
+        return flops if self.training else flops / 3
 
     def setup(self, stage: str) -> None:
         max_length = getattr(self.trainer.datamodule, "max_length", None) if self._trainer else None
@@ -154,6 +156,7 @@ class Qwen3LightningModule(L.LightningModule):
         return self.model(input_ids, attention_mask=attention_mask)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._last_batch_shape = tuple(batch["input_ids"].shape)
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())
         return loss, (batch["labels"] != IGNORE_INDEX).sum()
@@ -173,7 +176,6 @@ class Qwen3LightningModule(L.LightningModule):
                 f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16 rather than 16-mixed, and "
                 "check the data. Resume from the last good checkpoint with --ckpt_path."
             )
-        self._last_batch_shape = tuple(batch["input_ids"].shape)
         self.tokens_seen += int(tokens)
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
@@ -252,6 +254,9 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        if not self._is_sharded():
+            for state in checkpoint.get("optimizer_states", []):
+                self._number_optimizer_state_as_parameters(state)
         fit = checkpoint.get("loops", {}).get("fit_loop")
         epochs = fit["epoch_progress"]["current"] if fit else None
         if epochs and epochs["completed"] == epochs["started"] and fit["epoch_loop.batch_progress"]["is_last_batch"]:
@@ -261,6 +266,25 @@ class Qwen3LightningModule(L.LightningModule):
             progress = fit["epoch_loop.batch_progress"]
             progress["current"].update(dict.fromkeys(progress["current"], 0))
             progress["is_last_batch"] = False
+
+    def _number_optimizer_state_as_parameters(self, state: dict[str, Any]) -> None:
+        """Renumbers an optimizer state dict's parameters by their position in ``self.parameters()``.
+
+        torch numbers them in the order of the param groups (here: with weight decay, then without), and its
+        ``load_state_dict`` goes by the groups' lists, whatever the numbers. But Lightning's FSDP strategy, to
+        resume a checkpoint written without FSDP, names them by position in ``parameters()``: with the group
+        numbering it would pair each state with another parameter's shape and crash.
+        """
+        if not state.get("param_groups"):
+            return
+        position = {id(p): i for i, p in enumerate(self.parameters())}
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = [i for group in state["param_groups"] for i in group["params"]]
+        renumber = {old: position[id(p)] for old, p in zip(saved, params, strict=True)}
+        state["state"] = {renumber[i]: value for i, value in state["state"].items()}
+        for group in state["param_groups"]:
+            group["params"] = [renumber[i] for i in group["params"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

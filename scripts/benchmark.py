@@ -33,15 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from qwen3_lightning.callbacks import matmul_flops
+from qwen3_lightning.callbacks import gpu_bf16_peak, matmul_flops
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 SECTIONS = ("train", "decode", "data")
 PRECISIONS = ("32-true", "bf16-mixed")
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "zh_fortunes.txt"
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-"""Datasheet dense bf16 tensor-core FLOP/s (SXM parts), matched against the CUDA device name."""
 COMPILE_WARMUP = 3
 """Untimed steps of the torch.compile cases at least: their first two or three steps still compile."""
 CASES = {
@@ -101,6 +99,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--decode-presets", default=None, help="comma-separated presets to decode with (default tiny,small)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--case-timeout", type=float, default=1800, help="seconds before a training case's process is stopped"
+    )
     p.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all the numbers")
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
@@ -197,10 +198,8 @@ def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[f
         name = torch.cuda.get_device_name(device)
         if dtype != torch.bfloat16:
             return None, f"no datasheet {dtype} peak for GPUs here: no MFU"
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"datasheet bf16 dense, {key}"
-        return None, f"unknown GPU {name!r}: no MFU"
+        peak = gpu_bf16_peak(name)
+        return peak, f"datasheet bf16 dense, {name}" if peak else f"unknown GPU {name!r}: no MFU"
     n, reps = (1024, 5) if quick else (2048, 10)
     peak = matmul_flops(dtype, n, reps)  # what training runs log MFU against on a CPU too (at n=1024)
     return peak, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, {torch.get_num_threads()} threads"
@@ -410,7 +409,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
+def spawn_case(name: str, argv: list[str], timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
         cmd = [
@@ -424,7 +423,12 @@ def spawn_case(name: str, argv: list[str]) -> dict[str, Any]:
             "--case-out",
             str(out),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+            print(f"case {name} stopped after {timeout} s (--case-timeout):\n{stderr[-3000:]}", file=sys.stderr)
+            return {"error": f"timed out after {timeout} s"}
         if proc.returncode != 0 or not out.exists():
             print(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
             return {"error": proc.stderr[-3000:]}
@@ -474,7 +478,7 @@ def train_section(
     for repeat in range(args.repeats):  # round-robin, so a slow spell of the machine hits every case alike
         for name in names:
             print(f"[train] {CASES[name]} (process {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            runs[name].append(spawn_case(name, argv))
+            runs[name].append(spawn_case(name, argv, args.case_timeout))
     cases = {
         name: summarize_runs(results, tokens, flops, peaks[case_precision(name, args)])
         for name, results in runs.items()

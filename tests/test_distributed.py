@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -103,6 +104,27 @@ def test_single_process_checkpoint_resumes_under_ddp(corpus, tmp_path):
     resumed = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == first["global_step"] + math.ceil(len(TRAIN) / 2 / BATCH)
     assert resumed["tokens_seen"] == 2 * first["tokens_seen"]
+
+
+def test_optimizer_state_is_numbered_as_fsdp_reads_a_checkpoint_written_without_it(tmp_path):
+    # Lightning's FSDP strategy, resuming a checkpoint written without FSDP, names each optimizer state after the
+    # parameter at its number's position in parameters(): it must get that parameter's own state
+    from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    module = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["optimizer_states"][0]
+    named = FullyShardedDataParallel.rekey_optim_state_dict(saved, OptimStateKeyType.PARAM_NAME, module)
+    optimizer = module.optimizers(use_pl_optimizer=False)
+    names = {id(p): name for name, p in module.named_parameters()}
+    assert len(named["state"]) == len(optimizer.state) == len(names)
+    for p, state in optimizer.state.items():
+        torch.testing.assert_close(named["state"][names[id(p)]]["exp_avg"], state["exp_avg"])
 
 
 def test_every_rank_builds_the_same_vocabulary_whatever_the_file_order(tmp_path):

@@ -185,3 +185,14 @@ def test_bfloat16_forward_runs_and_stays_close():
         half = ours.to(torch.bfloat16)(x)
     assert half.dtype == torch.bfloat16
     assert (half.float() - full).abs().max() < 0.1
+
+
+def test_rotary_angles_stay_float32_when_the_model_is_cast():
+    # bf16-true casts the module, FSDP's mixed precision casts its buffers: positions must not move with them
+    config = make_config(**SHAPES["mha-tied"])
+    positions = torch.arange(1000, 1010)[None]
+    exact = Qwen3Transformer(config).model.rotary_emb(positions, torch.float32)
+    rotary = Qwen3Transformer(config).to(torch.bfloat16).model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.bfloat16
+    for ours, reference in zip(rotary(positions, torch.float32), exact, strict=True):
+        torch.testing.assert_close(ours, reference)

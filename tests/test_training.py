@@ -3,6 +3,7 @@ import itertools
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +12,10 @@ import torch
 import yaml
 from conftest import POEMS
 
-from qwen3_lightning.callbacks import TokenThroughput, matmul_flops
+from qwen3_lightning.callbacks import TokenThroughput, gpu_bf16_peak, matmul_flops
 from qwen3_lightning.cli import Qwen3CLI, main
 from qwen3_lightning.data import TextDataModule, collate
+from qwen3_lightning.model import flops_per_token
 from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,9 +183,9 @@ def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
     model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
     trainer = quiet_trainer(
-        max_steps=6,
+        max_steps=13,  # short runs log too: the default window is 10 batches
         accelerator="cpu",
-        callbacks=[TokenThroughput(window_size=2)],
+        callbacks=[TokenThroughput()],
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
         log_every_n_steps=1,
         limit_val_batches=0,
@@ -196,6 +198,35 @@ def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     # against a matmul timed on this CPU at setup; a 2-layer model with batches of a few dozen tokens is far
     # from it, but above zero and below the peak
     assert len(mfu) == len(tokens_per_s) and all(0 < v < 1 for v in mfu)
+
+
+def test_mfu_on_gpus_is_over_the_dense_datasheet_peak(monkeypatch):
+    # Lightning (2.6) finds no peak for "NVIDIA H200" and warns so; the callback knows it
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.trainer.states import RunningStage
+
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    trainer.state.stage = RunningStage.TRAINING
+    monitor = TokenThroughput()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.setup(trainer, Qwen3LightningModule(vocab_size=50), "fit")
+    assert monitor.available_flops == 989e12
+    assert {t.available_flops for t in monitor._throughputs.values()} == {989e12}
+    assert gpu_bf16_peak("NVIDIA H100 PCIe") == 756e12 and gpu_bf16_peak("NVIDIA H200 NVL") == 835e12
+    assert gpu_bf16_peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_validation_flops_are_a_forward_pass():
+    model = Qwen3LightningModule(preset="tiny", vocab_size=50)
+    model.configure_model()
+    model._loss({"input_ids": torch.zeros(3, 16, dtype=torch.long), "labels": torch.zeros(3, 16, dtype=torch.long)})
+    training = model.flops_per_batch
+    model.eval()
+    assert model.flops_per_batch == pytest.approx(training / 3)
+    assert training == pytest.approx(flops_per_token(model.config, 16, model.num_parameters) * 3 * 16)
 
 
 def test_timing_the_cpu_peak_leaves_the_random_state_alone():

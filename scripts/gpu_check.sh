@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU checks in one short run, for a machine with one CUDA GPU and no internet: the default GPU training path
+# (bf16-mixed, fused AdamW, clipping), the GPU rows of the benchmark, and FSDP with a resume and a generate.
+# Each step has a time limit and the whole run a deadline, so a hang costs one step, not the run; the most
+# important steps come first. Logs and results go to $OUT (default: gpu_check_out/), at most 8 files.
+#
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh           # about 5 minutes on an H200
+#   QUICK=1 OUT=/tmp/gpu bash scripts/gpu_check.sh   # a smoke run of the script itself (also on a CPU)
+#
+# Missing pure-Python dependencies (jsonargparse and the two packages of its `signatures` extra) can travel as
+# wheels in .whl/, which this script installs first. Prepare them where pip reaches PyPI:
+#   pip download --no-deps --only-binary=:all: -d .whl jsonargparse docstring_parser typeshed_client
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-gpu_check_out}
+DEADLINE=${DEADLINE:-540}  # seconds for the whole script; a step gets what is left, at most its own limit
+QUICK=${QUICK:-}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+SUMMARY=$OUT/summary.txt
+: >"$LOG"
+: >"$SUMMARY"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+        .whl/*.whl && export PYTHONPATH=$PYTHONPATH:$WORK/site
+fi
+
+# step NAME LIMIT COMMAND...: runs COMMAND with its output in the log and one line in the summary
+step() {
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+    shift 2
+    if ((left < 20)); then
+        echo "$name: skipped, deadline reached" | tee -a "$SUMMARY"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (limit ${limit}s): $*" >>"$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "$name: exit $rc in $((SECONDS - start)) s$( ((rc == 124)) && echo ' (timed out)')" | tee -a "$SUMMARY"
+}
+
+step environment 60 bash -c 'nvidia-smi -L; python3 -c "
+import torch, lightning, transformers, jsonargparse
+print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print(\"lightning\", lightning.__version__, \"transformers\", transformers.__version__, \"jsonargparse\", jsonargparse.__version__)
+"'
+
+if [[ -n $QUICK ]]; then
+    presets=(tiny) bench_args=(--quick) fsdp_preset=configs/tiny.yaml fsdp_steps=(4 6)
+else
+    presets=(medium qwen3-0.6b large) bench_args=(--batch-size 16 --seq-len 1024 --repeats 1)
+    fsdp_preset=configs/large.yaml fsdp_steps=(30 40)
+fi
+
+# 1. what every GPU user runs first: the CLI's GPU defaults (bf16-mixed, fused AdamW, clipping at 1.0)
+step fit_tiny 120 python3 -m qwen3_lightning fit --config configs/tiny.yaml --trainer.max_steps 30 \
+    --trainer.default_root_dir "$WORK/tiny"
+cp "$WORK/tiny/logs/version_0/metrics.csv" "$OUT/tiny_metrics.csv" 2>/dev/null
+
+# 2. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
+bench() {
+    step "bench_$1" 180 python3 scripts/benchmark.py --sections train --preset "$1" "${bench_args[@]}" --case-timeout 100 \
+        --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$1.json"
+}
+bench "${presets[0]}"
+
+# 3. FSDP (one GPU: the wrapping, sharded clipping and full-state checkpoints), resumed, then sampled;
+#    Lightning's FSDP needs CUDA
+if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    fsdp=(fit --config "$fsdp_preset" --config configs/fsdp.yaml --trainer.default_root_dir "$WORK/fsdp")
+    step fsdp_fit 150 python3 -m qwen3_lightning "${fsdp[@]}" --trainer.max_steps "${fsdp_steps[0]}"
+    step fsdp_resume 120 python3 -m qwen3_lightning "${fsdp[@]}" --trainer.max_steps "${fsdp_steps[1]}" --ckpt_path last
+    cp "$(ls -d "$WORK"/fsdp/logs/version_* | tail -1)/metrics.csv" "$OUT/fsdp_resumed_metrics.csv" 2>/dev/null
+    step generate 60 python3 -m qwen3_lightning generate --ckpt_path "$WORK/fsdp/checkpoints/last.ckpt" \
+        --max_new_tokens 64 --num_samples 2 --seed 0
+else
+    echo "fsdp: skipped, no CUDA device" | tee -a "$SUMMARY"
+fi
+
+# 4. the other presets, as time allows
+for preset in "${presets[@]:1}"; do
+    bench "$preset"
+done
+
+echo "--- summary ($SECONDS s) ---"
+cat "$SUMMARY"
+grep -h -A12 '^| case' "$LOG" | head -60
+rm -rf "$WORK"
