@@ -180,6 +180,13 @@ class TextSampler(L.Callback):
                 f"sampler.prompts {too_long} leave no room to generate within the model's "
                 f"max_position_embeddings={limit}; shorten them."
             )
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        unknown = "".join(sorted(set().union(*(tokenizer.unknown_chars(p) for p in self.prompts)))) if tokenizer else ""
+        if self.enabled and unknown:  # the configs' Chinese prompts, on someone's own text
+            rank_zero_warn(
+                f"sampler.prompts {self.prompts} have characters that are not in this data's vocabulary and will be "
+                f"read as <unk>: {unknown!r}. Set --sampler.prompts to text like your data's (or '[\"\"]')."
+            )
         if not self.enabled:
             rank_zero_warn(
                 "text samples are off under a sharded strategy (each rank holds only part of the "
@@ -203,7 +210,7 @@ class TextSampler(L.Callback):
         if tokenizer is None or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        from qwen3_lightning.generation import generate_text
+        from qwen3_lightning.generation import stream_text
 
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         records = []
@@ -211,14 +218,16 @@ class TextSampler(L.Callback):
             room = pl_module.model.config.max_position_embeddings - len(prompt) - 1  # >= 1, checked in setup
             # eager even when training compiled the layers: decoding shapes would only make them recompile
             with torch.compiler.set_stance("force_eager"):
-                text = generate_text(
-                    pl_module.model,
-                    tokenizer,
-                    prompt,
-                    min(self.max_new_tokens, room),
-                    self.temperature,
-                    self.top_k,
-                    generator=generator,
+                text = "".join(
+                    stream_text(
+                        pl_module.model,
+                        tokenizer,
+                        prompt,
+                        min(self.max_new_tokens, room),
+                        self.temperature,
+                        self.top_k,
+                        generator=generator,
+                    )
                 )
             records.append({"step": trainer.global_step, "prompt": prompt, "text": text})
             log.info("sample at step %d: %s", trainer.global_step, prompt + text)

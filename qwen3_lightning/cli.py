@@ -48,9 +48,10 @@ class Qwen3CLI(LightningCLI):
             },
             seed_everything_default=42,
             parser_kwargs={
+                "prog": program_name(),
                 "description": "Train Qwen3 models on your own text: fit, validate, test, predict. Two more "
                 "commands take a checkpoint: `generate` (text) and `export` (a transformers directory); "
-                "see `generate --help` and `export --help`."
+                "see `generate --help` and `export --help`.",
             },
             save_config_kwargs={"overwrite": True},
             args=args,
@@ -93,6 +94,15 @@ class Qwen3CLI(LightningCLI):
         for key in ("checkpoint", "periodic_checkpoint", "resume_checkpoint"):
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
+        if self.subcommand == "fit" and config.ckpt_path is None:
+            # best.ckpt and last.ckpt have fixed names: a new run there would replace an earlier run's
+            earlier = sorted(p.name for p in Path(config.checkpoint.dirpath).glob("*.ckpt"))
+            if earlier:
+                raise ValueError(
+                    f"{config.checkpoint.dirpath} holds the checkpoints of an earlier run ({', '.join(earlier[:4])}),"
+                    " which this run would overwrite. Continue that run with --ckpt_path last, start this one "
+                    "elsewhere with --trainer.default_root_dir, or delete the folder to start over."
+                )
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
@@ -129,7 +139,7 @@ def generate(
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
             of seconds and, on a CPU, about three times faster tokens again.
     """
-    from qwen3_lightning.generation import check_sampling_args, generate_text
+    from qwen3_lightning.generation import check_sampling_args, stream_text
     from qwen3_lightning.interop import load_checkpoint
 
     check_sampling_args(temperature, top_k, top_p)
@@ -148,28 +158,27 @@ def generate(
         generator.seed()
     texts = []
     for i in range(num_samples):
+        with warnings.catch_warnings(record=True) as caught:  # said once, on its own line, before the text
+            warnings.simplefilter("always" if i == 0 else "ignore")
+            pieces = stream_text(
+                model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator, compile
+            )
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
         if num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        texts.append(
-            generate_text(
-                model,
-                tokenizer,
-                prompt,
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                compile=compile,
-            )
-        )
+        text = []
+        for piece in pieces:
+            text.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        texts.append("".join(text))
         sys.stdout.write("\n")
     return texts
 
 
-def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
+def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bool = False) -> None:
     """Writes a training checkpoint as a transformers model directory (config.json, model.safetensors,
     generation_config.json, tokenizer.json and vocab.json).
 
@@ -177,6 +186,7 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
         ckpt_path: a .ckpt file of a training run.
         out_dir: the directory to write.
         dtype: float32, bfloat16 or float16; default: the checkpoint's.
+        overwrite: write into a directory that already holds files, replacing an earlier export there.
     """
     from qwen3_lightning.interop import export_pretrained, load_checkpoint
 
@@ -185,9 +195,20 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None) -> None:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(dtypes)}.")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; give the path of a directory to write.")
+    held = sorted(p.name for p in Path(out_dir).glob("*")) if Path(out_dir).is_dir() else []
+    if held and not overwrite:
+        raise ValueError(
+            f"out_dir {out_dir} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+            "choose a new directory, or pass --overwrite true to write over them."
+        )
     model, tokenizer = load_checkpoint(ckpt_path)
     out = export_pretrained(model, out_dir, tokenizer, dtypes.get(dtype))
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def program_name() -> str | None:
+    """How help and usage name the program: ``python -m qwen3_lightning`` rather than ``__main__.py``."""
+    return "python -m qwen3_lightning" if Path(sys.argv[0]).name == "__main__.py" else None
 
 
 def raised_here(err: BaseException) -> bool:
@@ -205,7 +226,7 @@ def main(args: list[str] | None = None) -> None:
         if first in (["generate"], ["export"]):
             from jsonargparse import CLI
 
-            CLI({"generate": generate, "export": export}, args=args, as_positional=False)
+            CLI({"generate": generate, "export": export}, args=args, as_positional=False, prog=program_name())
         else:
             Qwen3CLI(args=args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

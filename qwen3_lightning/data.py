@@ -58,9 +58,11 @@ def read_text(file: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         start = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        # a UTF-16 byte-order mark: what Windows Notepad writes when saving as "Unicode"; else most often GBK
+        source = "UTF-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "GB18030"
         raise ValueError(
             f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. "
-            "Convert it, e.g. `iconv -f GB18030 -t UTF-8 in.txt > out.txt`."
+            f"Convert it, e.g. `iconv -f {source} -t UTF-8 in.txt > out.txt`."
         ) from None
 
 
@@ -374,7 +376,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_dataset = dataset(self._val_docs) if self._val_docs else None
 
     def setup(self, stage: str) -> None:
-        if self.trainer is None:
+        if self.trainer is None or not self.trainer.loggers:  # no logger, no log folder (not the working directory)
             return
         log_dir = self.trainer.log_dir  # on every rank: under DDP, reading it is a collective broadcast
         if self.trainer.is_global_zero and log_dir:

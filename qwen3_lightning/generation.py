@@ -206,13 +206,13 @@ def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:
     unknown = tokenizer.unknown_chars(prompt)
     if unknown:
         warnings.warn(
-            f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))}", stacklevel=3
+            f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))!r}",
+            stacklevel=3,
         )
     return [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
 
 
-@torch.no_grad()
-def generate_text(
+def stream_text(
     model: Qwen3Transformer,
     tokenizer: CharTokenizer,
     prompt: str,
@@ -221,14 +221,13 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    on_text: Callable[[str], None] | None = None,
     compile: bool | str = False,
-) -> str:
-    """The continuation of ``prompt`` as text; ``on_text`` gets each new piece as soon as it is decoded."""
+) -> Iterator[str]:
+    """The continuation of ``prompt``, piece by piece as it is decoded. The arguments are checked (and unknown
+    characters warned about) at the call, before the first piece is asked for."""
     device = model.model.embed_tokens.weight.device
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
-    pieces = []
-    for token in model.generate(
+    tokens = model.generate(
         ids,
         max_new_tokens,
         temperature,
@@ -238,9 +237,5 @@ def generate_text(
         generator=generator,
         stream=True,
         compile=compile,
-    ):
-        piece = tokenizer.decode(token.tolist())
-        pieces.append(piece)
-        if on_text is not None:
-            on_text(piece)
-    return "".join(pieces)
+    )
+    return (tokenizer.decode(token.tolist()) for token in tokens)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,6 +83,9 @@ def export_pretrained(
         tokenizer.save(out / "vocab.json")
         write_hf_tokenizer(tokenizer, out)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    (out / "model.safetensors").chmod(0o666 & ~umask)  # safetensors writes 0600; readable as the other files
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out
@@ -131,15 +137,30 @@ def load_checkpoint(
     from qwen3_lightning.tokenizer import CharTokenizer
 
     path = Path(path)
+    example = "e.g. runs/tiny/checkpoints/best.ckpt"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is an exported transformers model folder, not a training checkpoint: pass a .ckpt file "
+                f"({example}), or load the folder with Qwen3Transformer.from_pretrained or transformers."
+            )
+        found = ", ".join(sorted(p.name for p in path.glob("*.ckpt"))[:5])
+        raise ValueError(f"{path} is a folder; pass one checkpoint file in it{f' ({found})' if found else ''}.")
     if not path.is_file():
-        hint = " Checkpoints of a run are in <default_root_dir>/checkpoints, e.g. runs/tiny/checkpoints/last.ckpt."
+        hint = f" Checkpoints of a run are in <default_root_dir>/checkpoints, {example}."
         raise FileNotFoundError(f"checkpoint {path} does not exist.{hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for non-checkpoint files
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if code:
+            why = f"it holds pickled code ({code.group(1)}), which is never run here"
+        elif isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+            why = "it is not a file written by torch.save"
+        else:
+            why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})."
+            f"{path} is not a readable PyTorch checkpoint: {why}. Pass a .ckpt file of a training run ({example})."
         ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Any
 
 import lightning as L
@@ -200,11 +201,12 @@ class Qwen3LightningModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_loss.reset()
 
+    # the metrics are already reduced over ranks; sync_dist averages equal values and spares Lightning's warning
     def on_validation_epoch_end(self) -> None:
-        self.log("val_ppl", torch.exp(self.val_loss.compute()))
+        self.log("val_ppl", torch.exp(self.val_loss.compute()), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test_ppl", torch.exp(self.test_loss.compute()))
+        self.log("test_ppl", torch.exp(self.test_loss.compute()), sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records."""
@@ -295,3 +297,18 @@ class Qwen3LightningModule(L.LightningModule):
                 f"{self.config.vocab_size}: resuming would renumber characters. Resume with the data the run "
                 "started with, or pass --data.tokenizer_path with that run's tokenizer.json."
             )
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "preset" in hparams:
+            overrides = {**(hparams.get("overrides") or {}), "vocab_size": self.config.vocab_size}
+            saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
+            differ = [
+                f"{f.name}={getattr(saved_config, f.name)!r} (this run: {getattr(self.config, f.name)!r})"
+                for f in fields(Qwen3Config)
+                if getattr(saved_config, f.name) != getattr(self.config, f.name)
+            ]
+            if differ:
+                raise ValueError(
+                    f"the checkpoint's model is not this run's: {', '.join(differ)}. Resume with the model settings "
+                    "the run started with (model.preset and model.overrides in its logs/version_0/config.yaml), or "
+                    "start a new run in another --trainer.default_root_dir."
+                )

@@ -87,11 +87,27 @@ def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
         (["--max_new_tokens", "500"], "exceeds the model's max_position_embeddings=64"),
     ],
 )
-def test_generate_refuses_bad_input_clearly(checkpoint, args, message):
-    # main() turns these errors into an exit with the message alone, no traceback
+def test_generate_refuses_bad_input_clearly(checkpoint, args, message, capsys):
+    # main() turns these errors into an exit with the message alone, no traceback, and nothing printed before
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--ckpt_path", str(checkpoint), *args])
+        main(["generate", "--ckpt_path", str(checkpoint), "--prompt", "春眠", *args])
     assert message in str(exit_info.value.code)
+    assert capsys.readouterr().out == ""
+
+
+def test_generate_says_what_a_folder_is_instead_of_a_checkpoint(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"checkpoints is a folder; pass one checkpoint file in it \(.*last.ckpt"):
+        main(["generate", "--ckpt_path", str(checkpoint.parent)])
+    main(["export", "--ckpt_path", str(checkpoint), "--out_dir", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit, match="hf is an exported transformers model folder, not a training checkpoint"):
+        main(["generate", "--ckpt_path", str(tmp_path / "hf")])
+
+
+def test_generate_warns_of_unknown_characters_on_its_own_line(checkpoint, capsys):
+    main(["generate", "--ckpt_path", str(checkpoint), "--prompt", "春X", "--max_new_tokens", "3", "--num_samples", "2"])
+    captured = capsys.readouterr()
+    assert captured.err.count("warning: the prompt has characters outside the vocabulary, read as <unk>: 'X'") == 1
+    assert captured.out.count("春X") == 2
 
 
 def test_generate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen3_lightning.config import Qwen3Config
-from qwen3_lightning.generation import generate_text, sample_next_token
+from qwen3_lightning.generation import sample_next_token, stream_text
 from qwen3_lightning.model import Qwen3Transformer
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -144,15 +144,15 @@ def test_empty_input_is_refused(pair):
         pair[1].generate(torch.ones(1, 0, dtype=torch.long), 5)
 
 
-def test_generate_text_warns_once_on_unknown_characters(pair):
+def test_stream_text_warns_once_on_unknown_characters(pair):
     _, ours = pair
     tokenizer = CharTokenizer().build_vocab(["".join(chr(0x4E00 + i) for i in range(79))])
     assert tokenizer.vocab_size == 83
     with pytest.warns(UserWarning, match="outside the vocabulary") as record:
-        text = generate_text(ours, tokenizer, "一丁X", 10, temperature=0)
+        text = "".join(stream_text(ours, tokenizer, "一丁X", 10, temperature=0))
     assert len(record) == 1 and "X" in str(record[0].message)
     assert 0 < len(text) <= 10
-    empty = generate_text(ours, tokenizer, "", 10, temperature=0)  # starts from <bos> alone
+    empty = "".join(stream_text(ours, tokenizer, "", 10, temperature=0))  # starts from <bos> alone
     assert 0 < len(empty) <= 10
 
 

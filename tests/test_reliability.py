@@ -1,6 +1,7 @@
 """Interrupted runs resume exactly, runs repeat exactly, bad input is refused clearly, checkpoints load safely."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -219,6 +220,10 @@ BAD_FIT_INPUT = {
         lambda d: ["--data.train_path", write(d / "gbk.txt", "春眠不觉晓".encode("gbk"))],
         r"gbk.txt is not UTF-8 text: byte 0 is b'\\xb4'",
     ),
+    "UTF-16 text (Notepad's 'Unicode')": (
+        lambda d: ["--data.train_path", write(d / "u16.txt", "春眠不觉晓".encode("utf-16"))],
+        r"u16.txt is not UTF-8 text: byte 0 is b'\\xff'. Convert it, e.g. `iconv -f UTF-16",
+    ),
     "binary file": (
         lambda d: ["--data.train_path", write(d / "img.txt", b"\x89PNG\r\n\x1a\n\x00\x00")],
         r"img.txt is not UTF-8 text: byte 0 is b'\\x89'",
@@ -290,6 +295,27 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused(corpus, tmp_path):
+    # best.ckpt and last.ckpt have fixed names: forgetting --ckpt_path last must not replace a trained model
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    with pytest.raises(SystemExit, match=r"run/checkpoints holds the checkpoints of an earlier run \(.*last.ckpt"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    assert (run / "checkpoints/last.ckpt").read_bytes() == before
+
+
+def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    deeper = SMALL.replace("num_decoder_layer: 1", "num_decoder_layer: 3")
+    refused = r"the checkpoint's model is not this run's: num_decoder_layer=1 \(this run: 3\)"
+    with pytest.raises(SystemExit, match=refused):
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", "last"))
+    assert (run / "checkpoints/last.ckpt").read_bytes() == before
+
+
 def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
@@ -328,6 +354,21 @@ def test_export_to_a_file_path_is_refused(corpus, tmp_path):
     with pytest.raises(SystemExit, match="is a file; give the path of a directory"):
         main(["export", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--out_dir", str(target)])
     assert target.read_text() == "x"  # nothing lost
+
+
+def test_export_over_an_earlier_export_needs_overwrite(corpus, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "hf"
+    main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    export = ["export", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--out_dir", str(out)]
+    main(export)
+    (out / "config.json").write_text("{}")  # stands for an earlier export of another model
+    with pytest.raises(SystemExit, match=r"hf already holds files \(config.json, .*--overwrite true"):
+        main(export)
+    assert (out / "config.json").read_text() == "{}"
+    main([*export, "--overwrite", "true"])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+    # readable by whoever can read the other files (safetensors itself writes 0600)
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ import torch
 import yaml
 from conftest import POEMS
 
-from qwen3_lightning.callbacks import TokenThroughput, gpu_bf16_peak, matmul_flops
+from qwen3_lightning.callbacks import TextSampler, TokenThroughput, gpu_bf16_peak, matmul_flops
 from qwen3_lightning.cli import Qwen3CLI, main
 from qwen3_lightning.data import TextDataModule, collate
 from qwen3_lightning.model import flops_per_token
@@ -70,6 +71,22 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     """A Trainer for in-process fits: no checkpoints, bar or summary; no logger unless one is given."""
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_a_run_without_a_logger_writes_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Trainer.log_dir falls back to it; tokenizer.json once landed there
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size)
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampler_warns_of_prompts_outside_the_vocabulary():
+    # the configs' Chinese prompts on someone's English text would sample from <unk> without a word
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    trainer = SimpleNamespace(strategy=object(), datamodule=data)
+    with pytest.warns(UserWarning, match=r"read as <unk>: 'ehlo'"):
+        TextSampler(prompts=["春眠", "hello"]).setup(trainer, Qwen3LightningModule(vocab_size=data.vocab_size), "fit")
 
 
 def test_warmup_cosine_shape():
