@@ -118,7 +118,7 @@ def gpu_bf16_peak(device_name: str) -> float | None:
     if "h100" in name or "h200" in name:  # GH200 too: an H100/H200 chip with a Grace CPU
         if "nvl" in name:
             return 835e12
-        if "pcie" in name:
+        if "pcie" in name or "hbm2e" in name:  # "NVIDIA H100 80GB HBM2e" is a PCIe card too
             return 756e12
         return 989e12  # SXM: "NVIDIA H200", "NVIDIA H100 80GB HBM3"
     if "a100" in name:

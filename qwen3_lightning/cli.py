@@ -91,24 +91,41 @@ class Qwen3CLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or "runs"
         # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
-        for key in ("checkpoint", "periodic_checkpoint", "resume_checkpoint"):
+        for key in CHECKPOINT_KEYS:
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
-        if self.subcommand == "fit" and config.ckpt_path is None:
-            # best.ckpt and last.ckpt have fixed names: a new run there would replace an earlier run's
-            earlier = sorted(p.name for p in Path(config.checkpoint.dirpath).glob("*.ckpt"))
-            if earlier:
-                raise ValueError(
-                    f"{config.checkpoint.dirpath} holds the checkpoints of an earlier run ({', '.join(earlier[:4])}),"
-                    " which this run would overwrite. Continue that run with --ckpt_path last, start this one "
-                    "elsewhere with --trainer.default_root_dir, or delete the folder to start over."
-                )
+        if self.subcommand == "fit":
+            refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
         return super().instantiate_trainer(**kwargs)
+
+
+CHECKPOINT_KEYS = ("checkpoint", "periodic_checkpoint", "resume_checkpoint")
+"""The CLI's checkpoint callbacks, each with its own folder."""
+
+
+def refuse_to_overwrite(ckpt_path: str | None, root: str, dirpaths: list[str]) -> None:
+    """Stops a ``fit`` that would write over the checkpoints of an earlier run: best.ckpt and last.ckpt have
+    fixed names. Resuming one of these folders' checkpoints (``last``, ``best``, ``hpc`` or a file in them)
+    continues that run, and a SLURM requeue resumes from ``hpc_ckpt_*.ckpt``: both go ahead."""
+    folders = {Path(d).resolve() for d in dirpaths}
+    resumes = ckpt_path in ("last", "best", "hpc") or (
+        ckpt_path is not None and Path(ckpt_path).resolve().parent in folders
+    )
+    if resumes or any(Path(root).glob("hpc_ckpt_*.ckpt")):
+        return
+    earlier = sorted({p.name for folder in folders for p in folder.glob("*.ckpt")})
+    if earlier:
+        where = ", ".join(sorted({str(Path(d)) for d in dirpaths}))
+        raise ValueError(
+            f"{where} holds the checkpoints of an earlier run ({', '.join(earlier[:4])}), which this run would "
+            "overwrite. Continue that run with --ckpt_path last, start this one elsewhere with "
+            "--trainer.default_root_dir, or delete the folder to start over."
+        )
 
 
 def generate(
@@ -139,7 +156,7 @@ def generate(
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
             of seconds and, on a CPU, about three times faster tokens again.
     """
-    from qwen3_lightning.generation import check_sampling_args, stream_text
+    from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_sampling_args, stream_text, unknown_characters
     from qwen3_lightning.interop import load_checkpoint
 
     check_sampling_args(temperature, top_k, top_p)
@@ -156,15 +173,16 @@ def generate(
         generator.manual_seed(seed)
     else:
         generator.seed()
+    message = unknown_characters(tokenizer, prompt)
+    if message:  # once, on its own line, before the text (the library's warning would land inside it)
+        print(f"warning: {message}", file=sys.stderr)
     texts = []
     for i in range(num_samples):
-        with warnings.catch_warnings(record=True) as caught:  # said once, on its own line, before the text
-            warnings.simplefilter("always" if i == 0 else "ignore")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=UNKNOWN_CHARACTERS)
             pieces = stream_text(
                 model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator, compile
             )
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
         if num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)

@@ -201,14 +201,20 @@ def _decode(
         cache.index += 1
 
 
+UNKNOWN_CHARACTERS = "the prompt has characters outside the vocabulary, read as <unk>"
+
+
+def unknown_characters(tokenizer: CharTokenizer, prompt: str) -> str | None:
+    """What to warn of when ``prompt`` has characters the vocabulary lacks; None when it has none."""
+    unknown = tokenizer.unknown_chars(prompt)
+    return f"{UNKNOWN_CHARACTERS}: {''.join(sorted(unknown))!r}" if unknown else None
+
+
 def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:
     """``<bos>`` followed by the prompt's ids; unknown characters become ``<unk>`` with one warning."""
-    unknown = tokenizer.unknown_chars(prompt)
-    if unknown:
-        warnings.warn(
-            f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))!r}",
-            stacklevel=3,
-        )
+    message = unknown_characters(tokenizer, prompt)
+    if message:
+        warnings.warn(message, stacklevel=3)
     return [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from typing import Any
 
 import lightning as L
@@ -28,6 +27,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+WEIGHT_SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_decoder_layer",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "attention_bias",
+    "tie_word_embeddings",
+)
+"""The Qwen3Config fields that a checkpoint's weights must agree with to be resumed."""
 
 
 class Qwen3LightningModule(L.LightningModule):
@@ -301,10 +313,10 @@ class Qwen3LightningModule(L.LightningModule):
         if "preset" in hparams:
             overrides = {**(hparams.get("overrides") or {}), "vocab_size": self.config.vocab_size}
             saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
-            differ = [
-                f"{f.name}={getattr(saved_config, f.name)!r} (this run: {getattr(self.config, f.name)!r})"
-                for f in fields(Qwen3Config)
-                if getattr(saved_config, f.name) != getattr(self.config, f.name)
+            differ = [  # fields that shape the weights; others (max_position_embeddings, say) may change
+                f"{name}={getattr(saved_config, name)!r} (this run: {getattr(self.config, name)!r})"
+                for name in WEIGHT_SHAPE_FIELDS
+                if getattr(saved_config, name) != getattr(self.config, name)
             ]
             if differ:
                 raise ValueError(

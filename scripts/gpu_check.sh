@@ -64,7 +64,7 @@ cp "$WORK/tiny/logs/version_0/metrics.csv" "$OUT/tiny_metrics.csv" 2>/dev/null
 
 # 2. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
 bench() {
-    step "bench_$1" 180 python3 scripts/benchmark.py --sections train --preset "$1" "${bench_args[@]}" --case-timeout 100 \
+    step "bench_$1" 240 python3 scripts/benchmark.py --sections train --preset "$1" "${bench_args[@]}" --case-timeout 75 \
         --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$1.json"
 }
 bench "${presets[0]}"

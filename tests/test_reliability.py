@@ -16,7 +16,7 @@ from conftest import POEMS
 from torch import nn
 
 from qwen3_lightning.callbacks import ResumeCheckpoint
-from qwen3_lightning.cli import main
+from qwen3_lightning.cli import main, refuse_to_overwrite
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
 from qwen3_lightning.module import Qwen3LightningModule
@@ -224,6 +224,10 @@ BAD_FIT_INPUT = {
         lambda d: ["--data.train_path", write(d / "u16.txt", "春眠不觉晓".encode("utf-16"))],
         r"u16.txt is not UTF-8 text: byte 0 is b'\\xff'. Convert it, e.g. `iconv -f UTF-16",
     ),
+    "UTF-32 text": (
+        lambda d: ["--data.train_path", write(d / "u32.txt", "春眠不觉晓".encode("utf-32"))],
+        r"u32.txt is not UTF-8 text: .* Convert it, e.g. `iconv -f UTF-32",
+    ),
     "binary file": (
         lambda d: ["--data.train_path", write(d / "img.txt", b"\x89PNG\r\n\x1a\n\x00\x00")],
         r"img.txt is not UTF-8 text: byte 0 is b'\\x89'",
@@ -305,6 +309,22 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused(corpus, tmp_path)
     assert (run / "checkpoints/last.ckpt").read_bytes() == before
 
 
+def test_overwrite_refusal_covers_every_checkpoint_folder_and_lets_resumes_through(tmp_path):
+    root, other = tmp_path / "run", tmp_path / "periodic"
+    dirpaths = [str(root / "checkpoints"), str(root / "checkpoints"), str(other)]  # the three callbacks' folders
+    refuse_to_overwrite(None, str(root), dirpaths)  # nothing there yet
+    other.mkdir()
+    (other / "epoch19-step480.ckpt").write_bytes(b"")
+    for ckpt_path in (None, str(tmp_path / "another_run/last.ckpt")):
+        with pytest.raises(ValueError, match=r"periodic.* holds the checkpoints of an earlier run \(epoch19"):
+            refuse_to_overwrite(ckpt_path, str(root), dirpaths)
+    for ckpt_path in ("last", "hpc", str(other / "epoch19-step480.ckpt")):  # continuing this run
+        refuse_to_overwrite(ckpt_path, str(root), dirpaths)
+    root.mkdir()
+    (root / "hpc_ckpt_1.ckpt").write_bytes(b"")  # what a SLURM requeue resumes from, with no --ckpt_path
+    refuse_to_overwrite(None, str(root), dirpaths)
+
+
 def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
@@ -314,6 +334,10 @@ def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
     with pytest.raises(SystemExit, match=refused):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", "last"))
     assert (run / "checkpoints/last.ckpt").read_bytes() == before
+    # what shapes no weight may change: more positions, for longer examples
+    longer = SMALL.replace("max_position_embeddings: 64", "max_position_embeddings: 128")
+    main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", longer, "--ckpt_path", "last"))
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):

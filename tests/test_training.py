@@ -232,7 +232,8 @@ def test_mfu_on_gpus_is_over_the_dense_datasheet_peak(monkeypatch):
         monitor.setup(trainer, Qwen3LightningModule(vocab_size=50), "fit")
     assert monitor.available_flops == 989e12
     assert {t.available_flops for t in monitor._throughputs.values()} == {989e12}
-    assert gpu_bf16_peak("NVIDIA H100 PCIe") == 756e12 and gpu_bf16_peak("NVIDIA H200 NVL") == 835e12
+    assert gpu_bf16_peak("NVIDIA H100 PCIe") == gpu_bf16_peak("NVIDIA H100 80GB HBM2e") == 756e12
+    assert gpu_bf16_peak("NVIDIA H200 NVL") == 835e12
     assert gpu_bf16_peak("NVIDIA GeForce RTX 4090") is None
 
 
