@@ -68,6 +68,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_decoder_layer",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+"""The sizes of the model: positive integers, each setting the shape of some weights."""
+WEIGHT_SHAPE_FIELDS = (*SIZE_FIELDS, "attention_bias", "tie_word_embeddings")
+"""Every field the weights' names and shapes depend on: a checkpoint resumes only into a config that agrees."""
+
+
 @dataclass
 class Qwen3Config:
     """The shape of a Qwen3 decoder. Field names follow the original trainer and transformers."""
@@ -102,16 +116,7 @@ class Qwen3Config:
     """Query heads per key/value head; derived."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_decoder_layer",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
+        for name in (*SIZE_FIELDS, "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive integer.")

@@ -11,7 +11,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
@@ -27,19 +27,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-WEIGHT_SHAPE_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_decoder_layer",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "attention_bias",
-    "tie_word_embeddings",
-)
-"""The Qwen3Config fields that a checkpoint's weights must agree with to be resumed."""
 
 
 class Qwen3LightningModule(L.LightningModule):
