@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
-from qwen3_lightning.module import Qwen3LightningModule
+from qwen3_lightning.module import Qwen3LightningModule, is_sharded
 
 
 def default_precision() -> str:
@@ -96,6 +96,18 @@ class Qwen3CLI(LightningCLI):
                 config[key].dirpath = str(Path(root) / "checkpoints")
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
+
+    def before_fit(self) -> None:
+        # Lightning's FSDP loads the weights before on_load_checkpoint can check them: check first
+        ckpt_path = self.config.fit.ckpt_path
+        path = Path(self.config.fit.checkpoint.dirpath) / "last.ckpt" if ckpt_path == "last" else ckpt_path
+        if path in (None, "best", "hpc") or not Path(path).is_file() or not is_sharded(self.trainer.strategy):
+            return
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
+            return
+        self.model.check_resumable(checkpoint)
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})

@@ -289,6 +289,12 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.check_resumable(checkpoint)
+
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint whose weights do not fit this model, naming what differs. Lightning calls
+        ``on_load_checkpoint`` before it loads the weights, except under FSDP (after): the CLI then calls this
+        itself, before ``fit``."""
         saved = checkpoint.get("state_dict", {}).get("model.model.embed_tokens.weight")
         if saved is not None and saved.shape[0] != self.config.vocab_size:
             raise ValueError(

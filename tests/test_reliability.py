@@ -340,6 +340,17 @@ def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def test_under_a_sharded_strategy_the_checkpoint_is_checked_before_lightning_loads_it(corpus, tmp_path, monkeypatch):
+    # Lightning's FSDP loads the weights before on_load_checkpoint runs: a mismatch would be torch's traceback
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))
+    monkeypatch.setattr("qwen3_lightning.cli.is_sharded", lambda strategy: True)
+    monkeypatch.setattr(Qwen3LightningModule, "on_load_checkpoint", lambda *_: pytest.fail("checked too late"))
+    deeper = SMALL.replace("num_decoder_layer: 1", "num_decoder_layer: 3")
+    with pytest.raises(SystemExit, match=r"the checkpoint's model is not this run's: num_decoder_layer=1"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", "last"))
+
+
 def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
