@@ -251,6 +251,9 @@ def raised_here(err: BaseException) -> bool:
 def main(args: list[str] | None = None) -> None:
     # TextDataModule restores the position inside an epoch itself (EpochSampler), which Lightning cannot see
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # at the end of a run that stopped before any validation: best.ckpt simply waits for one (val_loss is logged
+    # at every validation); a monitor set to a key that is never logged still gets the warning
+    warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val_loss'\)` could not find")
     first = (sys.argv[1:] if args is None else args)[:1]
     try:
         if first in (["generate"], ["export"]):
