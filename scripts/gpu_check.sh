@@ -4,7 +4,7 @@
 # Each step has a time limit and the whole run a deadline, so a hang costs one step, not the run; the most
 # important steps come first. Logs and results go to $OUT (default: gpu_check_out/), at most 8 files.
 #
-#   OUT=/tmp/gpu bash scripts/gpu_check.sh           # about 5 minutes on an H200
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh           # within DEADLINE (9 minutes); not yet run on a GPU
 #   QUICK=1 OUT=/tmp/gpu bash scripts/gpu_check.sh   # a smoke run of the script itself (also on a CPU)
 #
 # Missing pure-Python dependencies (jsonargparse and the two packages of its `signatures` extra) can travel as
