@@ -181,7 +181,7 @@ class TextSampler(L.Callback):
                 f"max_position_embeddings={limit}; shorten them."
             )
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        unknown = "".join(sorted(set().union(*(tokenizer.unknown_chars(p) for p in self.prompts)))) if tokenizer else ""
+        unknown = "".join(sorted(tokenizer.unknown_chars("".join(self.prompts)))) if tokenizer else ""
         if self.enabled and unknown:  # the configs' Chinese prompts, on someone's own text
             rank_zero_warn(
                 f"sampler.prompts {self.prompts} have characters that are not in this data's vocabulary and will be "
@@ -210,14 +210,16 @@ class TextSampler(L.Callback):
         if tokenizer is None or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        from qwen3_lightning.generation import stream_text
+        from qwen3_lightning.generation import UNKNOWN_CHARACTERS, stream_text
 
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         records = []
         for prompt in self.prompts:
             room = pl_module.model.config.max_position_embeddings - len(prompt) - 1  # >= 1, checked in setup
-            # eager even when training compiled the layers: decoding shapes would only make them recompile
-            with torch.compiler.set_stance("force_eager"):
+            # eager even when training compiled the layers: decoding shapes would only make them recompile;
+            # unknown characters in the prompts were warned about once, in setup
+            with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=UNKNOWN_CHARACTERS)
                 text = "".join(
                     stream_text(
                         pl_module.model,

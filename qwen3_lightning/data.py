@@ -60,8 +60,12 @@ def read_text(file: Path) -> str:
         start = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         # a UTF-16 byte-order mark is what Windows Notepad writes when saving as "Unicode"; without one, most
         # often GBK. UTF-32's marks come first: the little-endian one starts with UTF-16's.
-        boms = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32"}
-        boms |= {codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
+        boms = {
+            codecs.BOM_UTF32_LE: "UTF-32",
+            codecs.BOM_UTF32_BE: "UTF-32",
+            codecs.BOM_UTF16_LE: "UTF-16",
+            codecs.BOM_UTF16_BE: "UTF-16",
+        }
         source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), "GB18030")
         raise ValueError(
             f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. "
