@@ -58,6 +58,10 @@ class Qwen3CLI(LightningCLI):
             **kwargs,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # a misspelt flag is an error, not a silent abbreviation (--model.learning_rat would set learning_rate)
+        return super().init_parser(allow_abbrev=False, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         # best.ckpt (lowest val_loss) and last.ckpt at each validation
@@ -259,7 +263,13 @@ def main(args: list[str] | None = None) -> None:
         if first in (["generate"], ["export"]):
             from jsonargparse import CLI
 
-            CLI({"generate": generate, "export": export}, args=args, as_positional=False, prog=program_name())
+            CLI(
+                {"generate": generate, "export": export},
+                args=args,
+                as_positional=False,
+                prog=program_name(),
+                allow_abbrev=False,
+            )
         else:
             Qwen3CLI(args=args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

@@ -95,6 +95,22 @@ def test_generate_refuses_bad_input_clearly(checkpoint, args, message, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--print_config", "--model.learning_rat", "3"],
+        ["generate", "--ckpt", "x.ckpt"],
+        ["export", "--ckpt_path", "x.ckpt", "--out", "exported"],
+    ],
+)
+def test_abbreviated_or_misspelt_options_are_refused(args, capsys):
+    # argparse would take an unambiguous prefix as the option it begins: a typo would change a setting silently
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {args[-2]} {args[-1]}" in capsys.readouterr().err
+
+
 def test_generate_says_what_a_folder_is_instead_of_a_checkpoint(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match=r"checkpoints is a folder; pass one checkpoint file in it \(.*last.ckpt"):
         main(["generate", "--ckpt_path", str(checkpoint.parent)])
