@@ -349,11 +349,13 @@ class Qwen3Transformer(nn.Module):
         return load_pretrained(cls, Path(path), dtype)
 
 
-def flops_per_token(config: Qwen3Config, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token: 6 per matmul parameter plus 12 * layers * heads * head_dim * seq_len for
-    the attention scores and their use (PaLM, Chowdhery et al. 2022, appendix B). The input embedding is a
-    lookup, not a matmul: it counts only as the lm_head it is tied to."""
-    embedding = config.vocab_size * config.hidden_size
-    matmul_params = num_params - embedding * (0 if config.tie_word_embeddings else 1)
-    attention = 12 * config.num_decoder_layer * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_params + attention
+def flops_per_token(config: Qwen3Config, seq_len: int) -> float:
+    """Training FLOPs per token (forward and backward): 6 per weight of a matmul (2 forward, 4 backward) plus
+    12 * layers * heads * head_dim * seq_len for the attention scores and their use, counted as if unmasked
+    (PaLM, Chowdhery et al. 2022, appendix B). The input embedding is a lookup, not a matmul: it counts only as
+    the lm_head it may be tied to; norms and biases are not matmuls either."""
+    c = config
+    attention = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)  # q, k, v, o
+    mlp = 3 * c.hidden_size * c.intermediate_size  # gate, up, down
+    matmul_weights = c.num_decoder_layer * (attention + mlp) + c.vocab_size * c.hidden_size  # + lm_head
+    return 6 * matmul_weights + 12 * c.num_decoder_layer * c.num_attention_heads * c.head_dim * seq_len

@@ -101,7 +101,6 @@ class Qwen3LightningModule(L.LightningModule):
             self.model = model
         else:
             self.model = Qwen3Transformer(self.config)
-        self.num_parameters = self.model.num_parameters()  # counted before sharding leaves each rank a part
         self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
         if self.hparams.compile:
             for layer in self.model.model.layers:
@@ -114,7 +113,7 @@ class Qwen3LightningModule(L.LightningModule):
         shape = getattr(self, "_last_batch_shape", None)
         if shape is None or self.model is None:
             return None
-        flops = flops_per_token(self.config, shape[1], self.num_parameters) * shape[0] * shape[1]
+        flops = flops_per_token(self.config, shape[1]) * shape[0] * shape[1]
         return flops if self.training else flops / 3
 
     def setup(self, stage: str) -> None:
@@ -125,6 +124,10 @@ class Qwen3LightningModule(L.LightningModule):
                 f"{self.config.max_position_embeddings}. Lower data.max_length, or raise the model's "
                 "max_position_embeddings in model.overrides."
             )
+        if max_length is not None and not self._is_sharded():
+            # the model summary at the start of fit runs this through the model to count one sequence's FLOPs
+            # (not under FSDP: a forward that bypasses the root wrapper would leave its inner units broken)
+            self.example_input_array = torch.zeros(1, max_length, dtype=torch.long)
 
     def configure_gradient_clipping(
         self,

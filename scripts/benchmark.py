@@ -471,7 +471,7 @@ def train_section(
     """``peaks``: the MFU peak of each precision the cases run in."""
     config = model_config(args)
     n_params = num_parameters(config)
-    flops = flops_per_token(config, args.seq_len, n_params)
+    flops = flops_per_token(config, args.seq_len)
     tokens = args.batch_size * args.seq_len
     names = train_cases(args, device)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

@@ -196,3 +196,20 @@ def test_rotary_angles_stay_float32_when_the_model_is_cast():
     assert rotary.inv_freq.dtype == torch.bfloat16
     for ours, reference in zip(rotary(positions, torch.float32), exact, strict=True):
         torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flops_per_token_equals_what_torch_counts_in_a_transformers_training_step(shape):
+    # the count behind MFU, checked against torch's FLOP counter on the reference model's forward and backward;
+    # the math attention kernel, whose matmuls the counter sees (the CPU flash kernel has no FLOP formula)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qwen3_lightning.model import flops_per_token
+
+    config = make_config(**SHAPES[shape])
+    hf, _ = reference_pair(config)
+    input_ids = torch.randint(0, config.vocab_size, (2, 40))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        hf(input_ids).logits.sum().backward()
+    assert counter.get_total_flops() == flops_per_token(config, 40) * 2 * 40
