@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -73,12 +74,16 @@ def read_text(file: Path) -> str:
         ) from None
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""What JSON's "\\ud83d" escapes decode to when their pair is missing: a str can hold it, UTF-8 cannot."""
+
+
 def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
     """Documents of one file: paragraphs of a .txt (split at ``separator``), or the ``text`` field of each
     line of a .jsonl. Whitespace around a document is dropped, and so are empty documents."""
     text = read_text(file).replace("\r\n", "\n")
     if file.suffix != ".jsonl":
-        return [doc.strip() for doc in text.split(separator) if doc.strip()] if separator else [text.strip()]
+        return [doc.strip() for doc in (text.split(separator) if separator else [text]) if doc.strip()]
     docs = []
     # split at newlines only: JSON strings may hold U+2028 and other characters that str.splitlines() breaks at
     for n, line in enumerate(text.split("\n"), start=1):
@@ -90,6 +95,13 @@ def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
             raise ValueError(f"{file}, line {n}: not valid JSON ({err.msg}).") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{file}, line {n}: each line must be an object with a string field 'text'.")
+        lone = LONE_SURROGATE.search(record["text"])
+        if lone:  # an escape like "\ud83d" without its pair: half of a cut-off emoji, not a character
+            raise ValueError(
+                f"{file}, line {n}: the text holds {lone[0].encode('unicode_escape').decode()}, half of a UTF-16 "
+                "surrogate pair (often an emoji cut in two), which no UTF-8 text can hold. Remove that escape "
+                "or complete the pair."
+            )
         if record["text"].strip():
             docs.append(record["text"].strip())
     return docs
@@ -126,8 +138,9 @@ class EncodedCorpus:
         """Encodes once, then memory-maps the result keyed by the text and the vocabulary."""
         key = hashlib.sha256(json.dumps(tokenizer.id_to_token, ensure_ascii=False).encode())
         for doc in docs:
-            key.update(doc.encode())
-            key.update(b"\0")
+            data = doc.encode()
+            key.update(len(data).to_bytes(8, "little"))  # with the length, no two lists of documents share a key
+            key.update(data)
         stem = cache_dir / f"corpus-{key.hexdigest()[:16]}"
         tokens_file, offsets_file = stem.with_suffix(".tokens.npy"), stem.with_suffix(".offsets.npy")
         if not (tokens_file.exists() and offsets_file.exists()):
@@ -166,6 +179,8 @@ class TextDataset(Dataset):
                 f"max_length={max_length} is too short: a training example needs at least 2 "
                 "tokens (an input and its next-token target)."
             )
+        if isinstance(texts, str):
+            raise ValueError("TextDataset takes a list of documents, not one string.")
         if not isinstance(texts, EncodedCorpus):
             if tokenizer is None:
                 raise ValueError("TextDataset needs a tokenizer to encode raw texts.")
@@ -334,6 +349,8 @@ class TextDataModule(L.LightningDataModule):
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
+        if isinstance(texts, str):  # a str is a sequence of one-character strings: each would be a document
+            raise ValueError("texts must be a list of documents, e.g. text.split('\\n\\n'), not one string.")
         if texts is not None:
             train_docs = [t for t in texts if t.strip()]
             if not train_docs:
@@ -402,8 +419,7 @@ class TextDataModule(L.LightningDataModule):
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
         if shuffle and self._resume_position is not None:
-            epoch, batches = self._resume_position
-            sampler.skip_epoch, sampler.skip = epoch, batches * (1 if self.bucket_by_length else self.batch_size)
+            sampler.skip_epoch, sampler.skip = self._resume_position  # items: examples, or batches when bucketed
         return DataLoader(
             items,
             batch_size=None if self.bucket_by_length else self.batch_size,
@@ -466,21 +482,50 @@ class TextDataModule(L.LightningDataModule):
             fit = trainer.fit_loop
             epoch = max(fit.epoch_progress.current.started - 1, 0)
             done = fit.epoch_loop.batch_progress.current.processed
-            state["position"] = {"epoch": epoch, "batches": done, "world_size": trainer.world_size}
+            state["position"] = {
+                "epoch": epoch,
+                "batches": done,
+                "world_size": trainer.world_size,
+                "batch_size": self.batch_size,
+                "bucket_by_length": self.bucket_by_length,
+            }
         return state
+
+    def _resume_skip(self, position: dict[str, Any]) -> tuple[int, int] | None:
+        """(epoch, items of it to skip) to resume mid-epoch where the checkpoint left off; None, with a warning,
+        when this run deals the epoch out differently. Unbucketed, the example order does not depend on the
+        batch size, so a new batch size still resumes at the right example."""
+        batch_size = position.get("batch_size", self.batch_size)  # checkpoints before 2026-11-29 lack these
+        bucketed = position.get("bucket_by_length", self.bucket_by_length)
+        changed = [
+            f"{name}={saved} (now {now})"
+            for name, saved, now, matters in (
+                ("world_size", position["world_size"], self.trainer.world_size, True),
+                ("bucket_by_length", bucketed, self.bucket_by_length, True),
+                ("batch_size", batch_size, self.batch_size, self.bucket_by_length),
+            )
+            if matters and saved != now
+        ]
+        if changed:
+            rank_zero_warn(
+                f"the checkpoint was written mid-epoch with {', '.join(changed)}: the examples of an epoch are "
+                "dealt out differently, so the rest of the interrupted epoch is drawn afresh (a few examples may "
+                "be seen twice, others not at all, in that epoch only)."
+            )
+            return None
+        if self.batch_size > batch_size:
+            rank_zero_warn(
+                f"the checkpoint was written mid-epoch with batch_size={batch_size} (now {self.batch_size}): "
+                "Lightning counts what is left of the epoch in batches, so about "
+                f"{position['batches'] * (self.batch_size - batch_size)} examples at the end of the interrupted "
+                "epoch are not seen in it (a smaller batch size resumes exactly)."
+            )
+        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else batch_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")
-        if position and self.trainer is not None:
-            if position["world_size"] == self.trainer.world_size:
-                self._resume_position = (position["epoch"], position["batches"])
-            elif position["batches"]:
-                rank_zero_warn(
-                    f"the checkpoint was written mid-epoch by {position['world_size']} process(es) and this run has "
-                    f"{self.trainer.world_size}: the examples of an epoch are dealt out differently, so the rest "
-                    "of the interrupted epoch is drawn afresh (a few examples may be seen twice, others not at all, "
-                    "in that epoch only)."
-                )
+        if position and self.trainer is not None and position["batches"]:
+            self._resume_position = self._resume_skip(position)
         saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
         if saved != self.tokenizer:
             raise ValueError(

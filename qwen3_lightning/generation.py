@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding).")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy decoding).")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be a positive integer, or None to keep every token.")
     if top_p is not None and not 0 < top_p <= 1:
@@ -37,7 +37,9 @@ def sample_next_token(
     softmax at that temperature, restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the largest logit becomes 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,6 +76,11 @@ def decode_loop(
         )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0.")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; it must match input_ids, "
+            f"{tuple(input_ids.shape)} (1 for each prompt token, 0 for the left padding)."
+        )
     T = input_ids.shape[1]
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:

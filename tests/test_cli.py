@@ -83,7 +83,7 @@ def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
     ("args", "message"),
     [
         (["--ckpt_path", "missing.ckpt"], "checkpoint missing.ckpt does not exist"),
-        (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+        (["--temperature", "-1"], "temperature=-1.0 must be a finite number >= 0"),
         (["--max_new_tokens", "500"], "exceeds the model's max_position_embeddings=64"),
     ],
 )

@@ -186,6 +186,16 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, why):
     assert why in msg
 
 
+def test_jsonl_lone_surrogate_escape_names_file_and_line(tmp_path):
+    # "\ud83d" without its pair (an emoji cut in two) decodes to a str that no UTF-8 file or hash can hold
+    path = tmp_path / "scraped.jsonl"
+    path.write_text('{"text": "好 \\ud83d\\ude00"}\n{"text": "坏 \\ud83d"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"scraped.jsonl, line 2: the text holds \\ud83d, half of a UTF-16"):
+        read_documents(path)
+    path.write_text('{"text": "好 \\ud83d\\ude00"}\n', encoding="utf-8")
+    assert read_documents(path) == ["好 \U0001f600"]  # a whole pair is one character
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     prefix = "你好\n".encode()  # 7 bytes of valid UTF-8
@@ -217,6 +227,7 @@ def test_empty_file_raises(tmp_path, content, suffix):
     path = tmp_path / f"empty{suffix}"
     path.write_text(content, encoding="utf-8")
     assert read_documents(path) == []
+    assert read_documents(path, separator="") == []  # the whole file as one document: still none
     with pytest.raises(ValueError) as err:
         load_corpus(path)
     assert str(path) in str(err.value)
@@ -410,6 +421,14 @@ def test_datamodule_from_texts(zh_docs):
     assert sorted(docs_in(dm.train_dataset, dm.tokenizer)) == sorted(zh_docs)
     assert dm.val_dataset is None
     assert list(dm.val_dataloader()) == []
+
+
+def test_datamodule_texts_as_one_string_raises(zh_docs):
+    # a str is a sequence of characters: each would silently become a one-character document
+    with pytest.raises(ValueError, match="texts must be a list of documents"):
+        TextDataModule(texts="\n\n".join(zh_docs))
+    with pytest.raises(ValueError, match="not one string"):
+        TextDataset("床前明月光", CharTokenizer().build_vocab(["床前明月光"]), max_length=8)
 
 
 def test_datamodule_texts_and_train_path_together_raise(zh_corpus_file, zh_docs):
@@ -614,6 +633,16 @@ def test_cache_dir_is_keyed_by_text_and_vocabulary(zh_docs, tmp_path):
     assert len(list(cache.iterdir())) == 3 * n_files
     assert docs_in(c.train_dataset, c.tokenizer) == grown
     assert docs_in(a.train_dataset, a.tokenizer) == zh_docs
+
+
+def test_cache_key_tells_apart_documents_split_differently(tmp_path):
+    # the same characters, cut into other documents: the cached offsets of one must not serve the other
+    cache = tmp_path / "cache"
+    a = TextDataModule(texts=["a\0b", "\0"], val_split=0, max_length=8, cache_dir=str(cache), min_freq=1)
+    b = TextDataModule(texts=["a", "b\0\0"], val_split=0, max_length=8, cache_dir=str(cache), min_freq=1)
+    assert a.tokenizer == b.tokenizer
+    assert docs_in(b.train_dataset, b.tokenizer) == ["a", "b\0\0"]
+    assert docs_in(a.train_dataset, a.tokenizer) == ["a\0b", "\0"]
 
 
 def test_bundled_sample_corpus_is_the_default():

@@ -86,6 +86,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy(pair):
     greedy = ours.generate(prompt, 15, temperature=0)
     assert torch.equal(ours.generate(prompt, 15, temperature=1.5, top_k=1), greedy)
     assert torch.equal(ours.generate(prompt, 15, temperature=1.5, top_p=1e-6), greedy)
+    # a temperature so small that logits / temperature overflows: still the greedy tokens, not NaN
+    assert torch.equal(ours.generate(prompt, 15, temperature=1e-45), greedy)
 
 
 def test_sampling_filters():
@@ -125,7 +127,9 @@ def test_stream_yields_the_same_tokens(pair):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
+        ({"temperature": -0.5}, "temperature=-0.5 must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature=inf must be a finite number"),
+        ({"attention_mask": torch.ones(1, 4, dtype=torch.long)}, r"attention_mask has shape \(1, 4\); it must match"),
         ({"top_k": 0}, "top_k=0"),
         ({"top_p": 1.5}, "top_p=1.5"),
         ({"max_new_tokens": 60}, "exceeds the model's max_position_embeddings=64"),

@@ -3,10 +3,12 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -132,6 +134,55 @@ def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
     resumed = [loss for _, loss in sorted(losses(run, 1).items())]
     # compared in order: after a resume at an epoch's end, Lightning labels the logged steps one higher
     assert resumed == pytest.approx([expected[s] for s in range(step, 25)], abs=1e-5)
+
+
+class SeenExamples(L.Callback):
+    """The examples of the first epoch, in the order the training steps take them (padding dropped)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            self.seen += [tuple(row[row != 0].tolist()) for row in batch["input_ids"]]
+
+
+def first_epoch(tmp_path: Path, batch_size: int, bucket: bool, max_steps: int = -1, **fit) -> list[tuple[int, ...]]:
+    docs = [f"{i}{poem}" for i, poem in enumerate(POEMS * 3)]  # each one window, none alike
+    data = TextDataModule(texts=docs, val_split=0, max_length=64, batch_size=batch_size, bucket_by_length=bucket)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
+    seen = SeenExamples()
+    every_3 = L.pytorch.callbacks.ModelCheckpoint(
+        tmp_path, every_n_train_steps=3, save_top_k=-1, filename="s{step}", auto_insert_metric_name=False
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps, max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[seen, every_3],
+    )  # fmt: skip
+    trainer.fit(model, data, **fit)
+    return seen.seen
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "bucket", "warning"),
+    [(2, False, None), (8, False, "about 12 examples at the end of the interrupted epoch are not seen"),
+     (2, True, "batch_size=4 \\(now 2\\).* drawn afresh")],
+    ids=["smaller", "larger", "bucketed"],
+)  # fmt: skip
+def test_resuming_mid_epoch_with_another_batch_size(tmp_path, batch_size, bucket, warning):
+    # examples come in the same order whatever the batch size, unless bucketed: a smaller batch size picks up
+    # at the next unseen example; otherwise the run says what happens to the rest of the epoch
+    before = first_epoch(tmp_path, 4, bucket, max_steps=4)[:12]  # the checkpoint after step 3 saw 12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        after = first_epoch(tmp_path / "resumed", batch_size, bucket, ckpt_path=tmp_path / "s3.ckpt")
+    said = [str(w.message) for w in caught if "mid-epoch" in str(w.message)]
+    if warning is None:
+        assert said == []
+        whole = first_epoch(tmp_path / "whole", 4, bucket)
+        assert sorted(before + after) == sorted(whole) and len(set(whole)) == len(whole)
+    else:
+        assert len(said) == 1 and re.search(warning, said[0]), said
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
@@ -365,7 +416,7 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     [
         (["--ckpt_path", "{missing}"], "checkpoint .*missing.ckpt does not exist"),
         (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint"),
-        (["--temperature", "-0.5"], "temperature=-0.5 must be >= 0"),
+        (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number >= 0"),
         (["--top_p", "0"], "top_p=0.0 must be in"),
         (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64"),
         (["--num_samples", "0"], "num_samples=0 must be at least 1"),
