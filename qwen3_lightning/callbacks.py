@@ -102,9 +102,16 @@ class TokenThroughput(ThroughputMonitor):
         if device.type == "cuda" and precision in ("bf16-mixed", "bf16-true", "16-mixed", "16-true"):
             return gpu_bf16_peak(torch.cuda.get_device_name(device))
         dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}.get(precision)
-        if device.type == "cpu" and dtype is not None:
-            return matmul_flops(dtype)
-        return None
+        if device.type != "cpu" or dtype is None:
+            return None
+        peak = matmul_flops(dtype)
+        if dtype == torch.bfloat16 and peak < (float32 := matmul_flops(torch.float32)):
+            rank_zero_warn(
+                f"trainer.precision={precision} is slower than float32 on this CPU: its bf16 matmuls ran at "
+                f"{peak / 1e9:.3g} GFLOP/s, float32 ones at {float32 / 1e9:.3g} GFLOP/s (it has no native bf16, "
+                "AVX512-BF16 or AMX). Train with --trainer.precision 32-true here; bf16 pays on GPUs."
+            )
+        return peak
 
 
 def gpu_bf16_peak(device_name: str) -> float | None:
@@ -126,18 +133,26 @@ def gpu_bf16_peak(device_name: str) -> float | None:
     return None
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of the fastest of four rounds of ``reps`` (n x n) @ (n x n) matmuls on the CPU, after one round of
-    warmup: what its matrix units reach in ``dtype``, the peak that MFU is measured against there."""
+def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5, budget_s: float = 1.0) -> float:
+    """FLOP/s of the fastest of up to four rounds of ``reps`` (n x n) @ (n x n) matmuls on the CPU, after one
+    warmup matmul: what its matrix units reach in ``dtype``, the peak that MFU is measured against there. Rounds
+    stop once ``budget_s`` seconds are spent, and a slow dtype (bf16 without native support: seconds a matmul)
+    gets fewer matmuls a round, so the timing never holds up a run for long."""
     g = torch.Generator().manual_seed(0)  # not the global generator: timing must not change the run's random draws
     a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
-    best = float("inf")
-    for i in range(5):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    one = time.perf_counter() - start
+    reps = max(1, min(reps, int(budget_s / 4 / one)))
+    best, spent = float("inf"), 0.0
+    for _ in range(4):
         start = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b)
-        if i > 0:
-            best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent >= budget_s:
+            break
     return 2 * n**3 * reps / best
 
 

@@ -200,8 +200,8 @@ def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[f
             return None, f"no datasheet {dtype} peak for GPUs here: no MFU"
         peak = gpu_bf16_peak(name)
         return peak, f"datasheet bf16 dense, {name}" if peak else f"unknown GPU {name!r}: no MFU"
-    n, reps = (1024, 5) if quick else (2048, 10)
-    peak = matmul_flops(dtype, n, reps)  # what training runs log MFU against on a CPU too (at n=1024)
+    n, reps, budget_s = (1024, 5, 1.0) if quick else (2048, 10, 30.0)
+    peak = matmul_flops(dtype, n, reps, budget_s)  # what training runs log MFU against on a CPU too (at n=1024)
     return peak, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, {torch.get_num_threads()} threads"
 
 

@@ -257,6 +257,39 @@ def test_mfu_on_gpus_is_over_the_dense_datasheet_peak(monkeypatch):
     assert gpu_bf16_peak("NVIDIA GeForce RTX 4090") is None
 
 
+@pytest.mark.parametrize(("bf16", "warns"), [(1e9, True), (200e9, False)], ids=["emulated", "native"])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(monkeypatch, bf16, warns):
+    # on CPUs with no AVX512-BF16 or AMX, bf16 matmuls can run many times slower than float32 ones (1 vs 78
+    # GFLOP/s measured on an AVX2 EPYC); the peaks timed for MFU show it, and the run says so at setup
+    from qwen3_lightning import callbacks
+
+    monkeypatch.setattr(callbacks, "matmul_flops", lambda dtype, *a: bf16 if dtype == torch.bfloat16 else 78e9)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert TokenThroughput._peak(trainer) == bf16
+    said = [str(w.message) for w in caught if "slower than float32" in str(w.message)]
+    if warns:
+        assert said == [
+            "trainer.precision=bf16-mixed is slower than float32 on this CPU: its bf16 matmuls ran at 1 GFLOP/s, "
+            "float32 ones at 78 GFLOP/s (it has no native bf16, AVX512-BF16 or AMX). Train with "
+            "--trainer.precision 32-true here; bf16 pays on GPUs."
+        ]
+    else:
+        assert said == []
+
+
+def test_the_cpu_peak_timing_stays_short_for_a_slow_dtype(monkeypatch):
+    # a dtype at seconds a matmul gets one matmul a round, and the rounds stop at the time budget
+    from qwen3_lightning import callbacks
+
+    calls, clock = [], iter(range(0, 1000, 2))  # every perf_counter call is 2 s later: each matmul "takes" 2 s
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(callbacks.torch, "mm", lambda a, b: calls.append(1))
+    assert callbacks.matmul_flops(torch.float32, n=8, reps=5, budget_s=1.0) == 2 * 8**3 / 2
+    assert len(calls) == 2  # the warmup and one timed matmul
+
+
 def test_validation_flops_are_a_forward_pass():
     model = Qwen3LightningModule(preset="tiny", vocab_size=50)
     model.configure_model()
