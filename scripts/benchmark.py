@@ -200,9 +200,17 @@ def peak_flops(device: torch.device, quick: bool, dtype: torch.dtype) -> tuple[f
             return None, f"no datasheet {dtype} peak for GPUs here: no MFU"
         peak = gpu_bf16_peak(name)
         return peak, f"datasheet bf16 dense, {name}" if peak else f"unknown GPU {name!r}: no MFU"
-    n, reps, budget_s = (1024, 5, 1.0) if quick else (2048, 10, 30.0)
-    peak = matmul_flops(dtype, n, reps, budget_s)  # what training runs log MFU against on a CPU too (at n=1024)
-    return peak, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul, {torch.get_num_threads()} threads"
+    n = 512 if quick else 2048
+    source = f"fastest of a {str(dtype).removeprefix('torch.')} {n}x{n} matmul timed before the cases and after "
+    return cpu_peak(dtype, quick), source + f"each case's steps, {torch.get_num_threads()} threads"
+
+
+def cpu_peak(dtype: torch.dtype, quick: bool) -> float:
+    """A float32 (or bf16) matmul's FLOP/s on this CPU, as training runs log MFU against (they time n=1024; this
+    2048, or 512 with --quick). Timed again in each case's process, after its steps: on a shared machine the
+    CPU's speed drifts over minutes (2048x2048 float32 measured 83 GFLOP/s at one benchmark's start and 156-161
+    a few minutes later), and the fastest of all the timings is the peak."""
+    return matmul_flops(dtype, *((512, 5, 1.0) if quick else (2048, 10, 8.0)))
 
 
 def memory_bandwidth(device: torch.device, quick: bool) -> float:
@@ -406,6 +414,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "baseline_rss_mb": baseline,
         "peak_rss_mb": max_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_flops": cpu_peak(compute_dtype(case_precision(name, args)), args.quick) if device.type == "cpu" else None,
     }
 
 
@@ -468,7 +477,8 @@ def train_cases(args: argparse.Namespace, device: torch.device) -> list[str]:
 def train_section(
     args: argparse.Namespace, argv: list[str], device: torch.device, peaks: dict[str, float | None]
 ) -> tuple[dict[str, Any], str]:
-    """``peaks``: the MFU peak of each precision the cases run in."""
+    """``peaks``: the MFU peak of each precision the cases run in; on a CPU raised here to the fastest of the
+    matmul timings that the case processes made too."""
     config = model_config(args)
     n_params = num_parameters(config)
     flops = flops_per_token(config, args.seq_len)
@@ -479,6 +489,11 @@ def train_section(
         for name in names:
             print(f"[train] {CASES[name]} (process {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             runs[name].append(spawn_case(name, argv, args.case_timeout))
+    for name, results in runs.items():
+        precision = case_precision(name, args)
+        samples = [r["peak_flops"] for r in results if r.get("peak_flops")]
+        if samples and peaks[precision] is not None:
+            peaks[precision] = max(peaks[precision], *samples)
     cases = {
         name: summarize_runs(results, tokens, flops, peaks[case_precision(name, args)])
         for name, results in runs.items()
@@ -718,8 +733,10 @@ def main(argv: list[str] | None = None) -> None:
     if "train" in args.sections:
         precisions = sorted({case_precision(name, args) for name in train_cases(args, device)})
         peaks = {p: peak_flops(device, args.quick, compute_dtype(p)) for p in precisions}
+        best = {p: f for p, (f, _) in peaks.items()}
+        train, table = train_section(args, argv, device, best)
+        peaks = {p: (best[p], src) for p, (_, src) in peaks.items()}
         report["peak_flops"] = {p: {"flops": f, "source": src} for p, (f, src) in peaks.items()}
-        train, table = train_section(args, argv, device, {p: f for p, (f, _) in peaks.items()})
         report["train"] = train
         print(
             f"## Training: preset {args.preset}, batch {args.batch_size} x {args.seq_len} tokens, vocabulary "

@@ -37,6 +37,12 @@ def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path)
     peaks = report["peak_flops"]
     assert set(peaks) == {"bf16-mixed", "32-true"}
     assert "bfloat16" in peaks["bf16-mixed"]["source"] and "float32" in peaks["32-true"]["source"]
+    # each case process times the matmul again after its steps; MFU is over the fastest of all the timings
+    for name, case in cases.items():
+        timings = [run["peak_flops"] for run in case["runs"]]
+        peak = peaks["32-true" if name == "hf_fp32" else "bf16-mixed"]["flops"]
+        assert all(0 < t <= peak for t in timings), name
+        assert case["mfu"] == case["tokens_per_s"] * report["train"]["flops_per_token"] / peak
     assert "train: ours bf16-mixed / transformers float32 (tokens/s)" in report["ratios"]
 
     modes = report["data"]["modes"]
