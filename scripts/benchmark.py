@@ -1,7 +1,8 @@
 """Benchmarks of qwen3_lightning: training throughput, MFU and memory; decoding speed; data efficiency.
 
 Each training case runs in a fresh process of this script (the hidden ``--case`` flag), so the peak memory
-reported for it is its own. Tables go to stdout as Markdown, progress to stderr, every number to ``--json``.
+reported for it is its own; one more process steps ours and transformers' model in turn, for a speed ratio
+that a shared machine's slow spells do not tilt. Tables go to stdout as Markdown, progress to stderr, every number to ``--json``.
 
     python scripts/benchmark.py                       # small preset, all sections
     python scripts/benchmark.py --quick               # smoke run: tiny preset, a few steps
@@ -12,6 +13,7 @@ reported for it is its own. Tables go to stdout as Markdown, progress to stderr,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +53,8 @@ CASES = {
     "ours_compiled": "ours, plain loop, torch.compile",
     "lightning_compiled": "ours, Lightning Trainer, torch.compile",
 }
+PAIRED = "paired"
+"""The hidden case of ours and transformers stepping in turn in one process (``run_paired``)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -103,7 +107,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--case-timeout", type=float, default=1800, help="seconds before a training case's process is stopped"
     )
     p.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all the numbers")
-    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=[*CASES, PAIRED], help=argparse.SUPPRESS)
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -297,21 +301,19 @@ def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
-def time_plain_loop(
+def plain_steps(
     model: nn.Module,
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     batches: list[dict[str, torch.Tensor]],
     args: argparse.Namespace,
     device: torch.device,
-    warmup: int,
     precision: str,
-) -> list[float]:
-    """Seconds of each timed step: forward, cross-entropy, backward, AdamW step, zero_grad."""
+) -> Iterator[float]:
+    """Seconds of one training step at each ``next()``: forward, cross-entropy, backward, AdamW step, zero_grad."""
     model.to(device).train()
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     optimizer = make_optimizer(model, args.fused)
-    times = []
-    for step in range(warmup + args.steps):
+    for step in itertools.count():
         batch = batches[step % len(batches)]
         sync(device)
         start = time.perf_counter()
@@ -321,9 +323,42 @@ def time_plain_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        yield time.perf_counter() - start
+
+
+def plain_model(name: str, config: Qwen3Config, ours: Qwen3Transformer) -> tuple[nn.Module, Callable]:
+    """The model of a plain-loop case, and its forward from a batch to logits: ``ours`` itself, or transformers'
+    model with its weights."""
+    if name.startswith("hf"):
+        hf = build_hf(config, ours)
+        return hf, lambda b: hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    ours.gradient_checkpointing = name == "ours_ckpt"
+    if name.endswith("compiled"):
+        for layer in ours.model.layers:
+            layer.compile()
+    # no mask: the batches have no padding, and Qwen3LightningModule drops an all-ones mask too
+    return ours, lambda b: ours(b["input_ids"])
+
+
+def run_paired(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours and transformers' plain loops in this one process, one step each in turn (which goes first
+    alternates): a slow spell of a shared machine then slows both alike, and the ratio of each pair of steps
+    holds where the ratio of two processes' fastest steps drifts."""
+    device, config = pick_device(), model_config(args)
+    batches = random_batches(config, args)
+    torch.manual_seed(args.seed)
+    ours = Qwen3Transformer(config)
+    loops = {
+        name: plain_steps(*plain_model(name, config, ours), batches, args, device, args.precision)
+        for name in ("hf", "ours")  # transformers' copy of the weights first, before ours trains
+    }
+    pairs = []
+    for i in range(args.warmup + args.steps * args.repeats):
+        order = ("ours", "hf") if i % 2 == 0 else ("hf", "ours")
+        times = {name: next(loops[name]) for name in order}
+        if i >= args.warmup:
+            pairs.append([times["ours"], times["hf"]])
+    return {"step_s_pairs": pairs}
 
 
 class FixedBatches(Dataset):
@@ -392,23 +427,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name.startswith("lightning"):
         times = time_trainer(batches, args, device, warmup, compile=compiled)
     else:
-        model: nn.Module = Qwen3Transformer(config)
-        if name.startswith("hf"):
-            model = build_hf(config, model)
-
-            def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
-                return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        else:
-            model.gradient_checkpointing = name == "ours_ckpt"
-            if compiled:
-                for layer in model.model.layers:
-                    layer.compile()
-
-            def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
-                # no mask: the batches have no padding, and Qwen3LightningModule drops an all-ones mask too
-                return model(b["input_ids"])
-
-        times = time_plain_loop(model, forward, batches, args, device, warmup, case_precision(name, args))
+        model, forward = plain_model(name, config, Qwen3Transformer(config))
+        steps = plain_steps(model, forward, batches, args, device, case_precision(name, args))
+        times = list(itertools.islice(steps, warmup, warmup + args.steps))
     return {
         "step_s": times,
         "baseline_rss_mb": baseline,
@@ -489,6 +510,12 @@ def train_section(
         for name in names:
             print(f"[train] {CASES[name]} (process {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             runs[name].append(spawn_case(name, argv, args.case_timeout))
+    paired = None
+    if "hf" in names:
+        print(f"[train] ours and transformers, a step each in turn ({PAIRED}) ...", file=sys.stderr, flush=True)
+        paired = spawn_case(PAIRED, argv, args.case_timeout)
+        if "step_s_pairs" in paired:
+            paired["ours_over_hf"] = statistics.median(hf / ours for ours, hf in paired["step_s_pairs"])
     for name, results in runs.items():
         precision = case_precision(name, args)
         samples = [r["peak_flops"] for r in results if r.get("peak_flops")]
@@ -535,6 +562,8 @@ def train_section(
     ]
     table = markdown_table(headers, rows)
     result = {"num_parameters": n_params, "flops_per_token": flops, "tokens_per_step": tokens, "cases": cases}
+    if paired is not None:
+        result["paired"] = paired
     return result, table
 
 
@@ -707,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
-        result = run_case(args.case, args)
+        result = run_paired(args) if args.case == PAIRED else run_case(args.case, args)
         args.case_out.write_text(json.dumps(result))
         return
     device = pick_device()
@@ -760,6 +789,10 @@ def main(argv: list[str] | None = None) -> None:
             return cases.get(name, {}).get("tokens_per_s")
 
         ratios["train: ours / transformers (tokens/s)"] = ratio(tps("ours"), tps("hf"))
+        if "paired" in train:
+            ratios["train: ours / transformers, a step each in turn in one process (median of the pairs)"] = train[
+                "paired"
+            ].get("ours_over_hf")
         if "hf_fp32" in cases:
             ratios[f"train: ours {args.precision} / transformers float32 (tokens/s)"] = ratio(
                 tps("ours"), tps("hf_fp32")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import POEMS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -44,6 +45,11 @@ def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path)
         assert all(0 < t <= peak for t in timings), name
         assert case["mfu"] == case["tokens_per_s"] * report["train"]["flops_per_token"] / peak
     assert "train: ours bf16-mixed / transformers float32 (tokens/s)" in report["ratios"]
+    # ours and transformers also step in turn in one process: the ratio of each pair of steps
+    pairs = report["train"]["paired"]["step_s_pairs"]
+    assert len(pairs) == 2 and all(ours > 0 and hf > 0 for ours, hf in pairs)
+    median = sorted(hf / ours for ours, hf in pairs)
+    assert report["train"]["paired"]["ours_over_hf"] == pytest.approx((median[0] + median[1]) / 2)
 
     modes = report["data"]["modes"]
     real = [modes[m]["real_fraction"] for m in ("padded to longest", "bucket_by_length", "packing")]
