@@ -2,7 +2,8 @@
 
 Each training case runs in a fresh process of this script (the hidden ``--case`` flag), so the peak memory
 reported for it is its own; one more process steps ours and transformers' model in turn, for a speed ratio
-that a shared machine's slow spells do not tilt. Tables go to stdout as Markdown, progress to stderr, every number to ``--json``.
+that a shared machine's slow spells do not tilt. Tables go to stdout as Markdown, progress to stderr, every
+number to ``--json``.
 
     python scripts/benchmark.py                       # small preset, all sections
     python scripts/benchmark.py --quick               # smoke run: tiny preset, a few steps
