@@ -351,7 +351,7 @@ def run_paired(args: argparse.Namespace) -> dict[str, Any]:
     ours = Qwen3Transformer(config)
     loops = {
         name: plain_steps(*plain_model(name, config, ours), batches, args, device, args.precision)
-        for name in ("hf", "ours")  # transformers' copy of the weights first, before ours trains
+        for name in ("ours", "hf")  # transformers' model copies ours' weights when it is built, here
     }
     pairs = []
     for i in range(args.warmup + args.steps * args.repeats):
