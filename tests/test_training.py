@@ -162,6 +162,21 @@ def test_custom_criterion_from_the_command_line(corpus, tmp_path):
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
 
 
+def test_early_stopping_from_the_command_line(corpus, tmp_path):
+    # the README's flags: Lightning's EarlyStopping joins the CLI's own callbacks; an improvement of 10 nats is
+    # never met, so after the first validation the second one stops the run
+    early = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val_loss"]
+    early += ["--trainer.callbacks.patience=1", "--trainer.callbacks.min_delta=10"]
+    cli = Qwen3CLI(
+        args=cli_args(corpus, tmp_path / "run", "--trainer.max_epochs", "50", "--sampler.prompts", "[]", *early)
+    )
+    assert {"EarlyStopping", "LearningRateMonitor", "TokenThroughput"} <= {
+        type(c).__name__ for c in cli.trainer.callbacks
+    }
+    assert cli.trainer.current_epoch == 2 and len(column(read_metrics(tmp_path / "run"), "val_loss")) == 2
+    assert (tmp_path / "run/checkpoints/best.ckpt").is_file() and (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config, capsys):
     # configs/fsdp.yaml is a layer over a preset config; the others stand alone
