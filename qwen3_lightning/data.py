@@ -485,6 +485,7 @@ class TextDataModule(L.LightningDataModule):
             state["position"] = {
                 "epoch": epoch,
                 "batches": done,
+                "epoch_batches": trainer.num_training_batches,
                 "world_size": trainer.world_size,
                 "batch_size": self.batch_size,
                 "bucket_by_length": self.bucket_by_length,
@@ -492,35 +493,30 @@ class TextDataModule(L.LightningDataModule):
         return state
 
     def _resume_skip(self, position: dict[str, Any]) -> tuple[int, int] | None:
-        """(epoch, items of it to skip) to resume mid-epoch where the checkpoint left off; None, with a warning,
-        when this run deals the epoch out differently. Unbucketed, the example order does not depend on the
-        batch size, so a new batch size still resumes at the right example."""
-        batch_size = position.get("batch_size", self.batch_size)  # checkpoints before 2026-11-29 lack these
-        bucketed = position.get("bucket_by_length", self.bucket_by_length)
+        """(epoch, items of it to skip) to resume mid-epoch at the next unseen batch. None when the checkpoint
+        ended its epoch (nothing to skip), and, with a warning, when this run cuts the epoch into other batches:
+        Lightning counts the rest of an epoch in batches, so a skip in examples would end that epoch early or
+        late, and miss its validation."""
+        if position["batches"] >= position.get("epoch_batches", float("inf")):
+            return None
         changed = [
             f"{name}={saved} (now {now})"
-            for name, saved, now, matters in (
-                ("world_size", position["world_size"], self.trainer.world_size, True),
-                ("bucket_by_length", bucketed, self.bucket_by_length, True),
-                ("batch_size", batch_size, self.batch_size, self.bucket_by_length),
+            for name, saved, now in (
+                ("world_size", position["world_size"], self.trainer.world_size),
+                # checkpoints before 2026-12-01 lack these two
+                ("batch_size", position.get("batch_size", self.batch_size), self.batch_size),
+                ("bucket_by_length", position.get("bucket_by_length", self.bucket_by_length), self.bucket_by_length),
             )
-            if matters and saved != now
+            if saved != now
         ]
         if changed:
             rank_zero_warn(
-                f"the checkpoint was written mid-epoch with {', '.join(changed)}: the examples of an epoch are "
+                f"the checkpoint was written mid-epoch with {', '.join(changed)}: the batches of an epoch are "
                 "dealt out differently, so the rest of the interrupted epoch is drawn afresh (a few examples may "
                 "be seen twice, others not at all, in that epoch only)."
             )
             return None
-        if self.batch_size > batch_size:
-            rank_zero_warn(
-                f"the checkpoint was written mid-epoch with batch_size={batch_size} (now {self.batch_size}): "
-                "Lightning counts what is left of the epoch in batches, so about "
-                f"{position['batches'] * (self.batch_size - batch_size)} examples at the end of the interrupted "
-                "epoch are not seen in it (a smaller batch size resumes exactly)."
-            )
-        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else batch_size)
+        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else self.batch_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")

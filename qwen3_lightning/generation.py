@@ -35,7 +35,7 @@ def sample_next_token(
 ) -> torch.Tensor:
     """One token id per row of ``logits`` (B, vocab): argmax when ``temperature == 0``, else a draw from the
     softmax at that temperature, restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that dividing float32 logits by it is 0/0
         return logits.argmax(dim=-1)
     logits = logits.float()
     # the largest logit becomes 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN

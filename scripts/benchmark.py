@@ -498,9 +498,10 @@ def train_cases(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 def train_section(
     args: argparse.Namespace, argv: list[str], device: torch.device, peaks: dict[str, float | None]
-) -> tuple[dict[str, Any], str]:
-    """``peaks``: the MFU peak of each precision the cases run in; on a CPU raised here to the fastest of the
-    matmul timings that the case processes made too."""
+) -> tuple[dict[str, Any], str, dict[str, float | None]]:
+    """The training cases' numbers, their table, and the MFU peak of each precision they ran in: ``peaks``
+    (timed before the cases), on a CPU raised to the fastest of the timings that the case processes made."""
+    peaks = dict(peaks)
     config = model_config(args)
     n_params = num_parameters(config)
     flops = flops_per_token(config, args.seq_len)
@@ -565,7 +566,7 @@ def train_section(
     result = {"num_parameters": n_params, "flops_per_token": flops, "tokens_per_step": tokens, "cases": cases}
     if paired is not None:
         result["paired"] = paired
-    return result, table
+    return result, table, peaks
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
@@ -763,8 +764,7 @@ def main(argv: list[str] | None = None) -> None:
     if "train" in args.sections:
         precisions = sorted({case_precision(name, args) for name in train_cases(args, device)})
         peaks = {p: peak_flops(device, args.quick, compute_dtype(p)) for p in precisions}
-        best = {p: f for p, (f, _) in peaks.items()}
-        train, table = train_section(args, argv, device, best)
+        train, table, best = train_section(args, argv, device, {p: f for p, (f, _) in peaks.items()})
         peaks = {p: (best[p], src) for p, (_, src) in peaks.items()}
         report["peak_flops"] = {p: {"flops": f, "source": src} for p, (f, src) in peaks.items()}
         report["train"] = train

@@ -43,7 +43,7 @@ def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path)
         timings = [run["peak_flops"] for run in case["runs"]]
         peak = peaks["32-true" if name == "hf_fp32" else "bf16-mixed"]["flops"]
         assert all(0 < t <= peak for t in timings), name
-        assert case["mfu"] == case["tokens_per_s"] * report["train"]["flops_per_token"] / peak
+        assert case["mfu"] == pytest.approx(case["tokens_per_s"] * report["train"]["flops_per_token"] / peak)
     assert "train: ours bf16-mixed / transformers float32 (tokens/s)" in report["ratios"]
     # ours and transformers also step in turn in one process: the ratio of each pair of steps
     pairs = report["train"]["paired"]["step_s_pairs"]

@@ -88,6 +88,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(pair):
     assert torch.equal(ours.generate(prompt, 15, temperature=1.5, top_p=1e-6), greedy)
     # a temperature so small that logits / temperature overflows: still the greedy tokens, not NaN
     assert torch.equal(ours.generate(prompt, 15, temperature=1e-45), greedy)
+    assert torch.equal(ours.generate(prompt, 15, temperature=1e-300), greedy)  # 0 as a float32
 
 
 def test_sampling_filters():
