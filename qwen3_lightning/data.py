@@ -266,7 +266,7 @@ class EpochSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch_fn = epoch_fn
-        self.skip_epoch, self.skip = 0, 0
+        self.skip_epoch, self.skip, self.rotate = 0, 0, False
 
     def set_epoch(self, epoch: int) -> None:
         if self.epoch_fn is None:
@@ -276,7 +276,11 @@ class EpochSampler(DistributedSampler):
         if self.epoch_fn is not None:
             self.epoch = self.epoch_fn()
         indices = list(super().__iter__())
-        return iter(indices[self.skip :] if self.epoch == self.skip_epoch else indices)
+        if self.epoch != self.skip_epoch:
+            return iter(indices)
+        # resumed mid-epoch: the examples not yet seen; with ``rotate``, then the seen ones again, for a run that
+        # Lightning counts in batches of another size, which may need more of them
+        return iter(indices[self.skip :] + (indices[: self.skip] if self.rotate else []))
 
 
 class TextDataModule(L.LightningDataModule):
@@ -345,7 +349,7 @@ class TextDataModule(L.LightningDataModule):
         self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.predict_path, self.test_path, self.separator = predict_path, test_path, separator
-        self._resume_position: tuple[int, int] | None = None
+        self._resume_position: tuple[int, int, bool] | None = None
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
@@ -419,7 +423,8 @@ class TextDataModule(L.LightningDataModule):
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
         if shuffle and self._resume_position is not None:
-            sampler.skip_epoch, sampler.skip = self._resume_position  # items: examples, or batches when bucketed
+            # items: examples, or batches when bucketed
+            sampler.skip_epoch, sampler.skip, sampler.rotate = self._resume_position
         return DataLoader(
             items,
             batch_size=None if self.bucket_by_length else self.batch_size,
@@ -492,31 +497,41 @@ class TextDataModule(L.LightningDataModule):
             }
         return state
 
-    def _resume_skip(self, position: dict[str, Any]) -> tuple[int, int] | None:
-        """(epoch, items of it to skip) to resume mid-epoch at the next unseen batch. None when the checkpoint
-        ended its epoch (nothing to skip), and, with a warning, when this run cuts the epoch into other batches:
-        Lightning counts the rest of an epoch in batches, so a skip in examples would end that epoch early or
-        late, and miss its validation."""
+    def _resume_skip(self, position: dict[str, Any]) -> tuple[int, int, bool] | None:
+        """(epoch, items of it to skip, rotate) to resume mid-epoch at the next unseen batch. None when the
+        checkpoint ended its epoch (nothing to skip), and, with a warning, when this run deals the epoch out
+        differently (the rest of it is then drawn afresh)."""
         if position["batches"] >= position.get("epoch_batches", float("inf")):
             return None
-        changed = [
-            f"{name}={saved} (now {now})"
-            for name, saved, now in (
-                ("world_size", position["world_size"], self.trainer.world_size),
-                # checkpoints before 2026-12-01 lack these two
-                ("batch_size", position.get("batch_size", self.batch_size), self.batch_size),
-                ("bucket_by_length", position.get("bucket_by_length", self.bucket_by_length), self.bucket_by_length),
+        # checkpoints before 2026-12-01 lack batch_size, bucket_by_length and epoch_batches
+        saved = {
+            "world_size": position["world_size"],
+            "bucket_by_length": position.get("bucket_by_length", self.bucket_by_length),
+            "batch_size": position.get("batch_size", self.batch_size),
+        }
+        now = {
+            "world_size": self.trainer.world_size,
+            "bucket_by_length": self.bucket_by_length,
+            "batch_size": self.batch_size,
+        }
+        changed = [name for name in saved if saved[name] != now[name]]
+        said = ", ".join(f"{name}={saved[name]} (now {now[name]})" for name in changed)
+        if changed == ["batch_size"] and not self.bucket_by_length:  # the example order does not depend on it
+            rank_zero_warn(
+                f"the checkpoint was written mid-epoch with {said}: the examples not yet seen come first, but "
+                "Lightning counts the rest of the epoch in batches of the new size, so in that epoch some examples "
+                "may be seen twice, or with a larger batch size not at all, and a larger batch size may skip that "
+                "epoch's validation."
             )
-            if saved != now
-        ]
+            return position["epoch"], position["batches"] * saved["batch_size"], True
         if changed:
             rank_zero_warn(
-                f"the checkpoint was written mid-epoch with {', '.join(changed)}: the batches of an epoch are "
-                "dealt out differently, so the rest of the interrupted epoch is drawn afresh (a few examples may "
-                "be seen twice, others not at all, in that epoch only)."
+                f"the checkpoint was written mid-epoch with {said}: the batches of an epoch are dealt out "
+                "differently, so the rest of the interrupted epoch is drawn afresh (a few examples may be seen "
+                "twice, others not at all, in that epoch only)."
             )
             return None
-        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else self.batch_size)
+        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else self.batch_size), False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")

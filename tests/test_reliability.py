@@ -165,25 +165,30 @@ def first_epoch(tmp_path: Path, batch_size: int, bucket: bool, max_steps: int = 
 
 @pytest.mark.parametrize(
     ("batch_size", "bucket", "checkpoint", "warning"),
-    [(4, False, "s3", None), (2, False, "s3", r"batch_size=4 \(now 2\).* drawn afresh"),
-     (8, False, "s3", r"batch_size=4 \(now 8\)"), (2, True, "s3", r"batch_size=4 \(now 2\)"),
-     (8, False, "s6", None)],
+    [(4, False, "s3", None), (2, False, "s3", r"batch_size=4 \(now 2\): the examples not yet seen come first"),
+     (8, False, "s3", r"batch_size=4 \(now 8\): the examples not yet seen"),
+     (2, True, "s3", r"batch_size=4 \(now 2\).* drawn afresh"), (8, False, "s6", None)],
     ids=["same", "smaller", "larger", "bucketed", "at-epoch-end"],
 )  # fmt: skip
 def test_resuming_mid_epoch_with_another_batch_size(tmp_path, batch_size, bucket, checkpoint, warning):
-    # Lightning counts the rest of an epoch in batches, so with other batches the rest of it is drawn afresh
-    # and the run says so; the same batches resume at the next unseen example; a checkpoint written at the end
-    # of the epoch (s6: 6 batches of 4 make the epoch) leaves nothing to draw and nothing to say
+    # s3 saw 12 of the epoch's 24 examples. The example order does not depend on the batch size: the same batches
+    # resume exactly, other batches start with the 12 unseen examples, and the run says how Lightning's count
+    # of the rest in batches can differ; length buckets are other batches, drawn afresh; a checkpoint from the
+    # end of the epoch (s6: 6 batches of 4) leaves nothing to draw and nothing to say
     whole = first_epoch(tmp_path, 4, bucket)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         after = first_epoch(tmp_path / "resumed", batch_size, bucket, ckpt_path=tmp_path / f"{checkpoint}.ckpt")
     said = [str(w.message) for w in caught if "mid-epoch" in str(w.message)]
     assert (len(said) == 1 and re.search(warning, said[0])) if warning else said == [], said
-    if checkpoint == "s3" and batch_size == 4:
-        assert sorted(whole[:12] + after) == sorted(whole) and len(set(whole)) == len(whole)
-    if checkpoint == "s3" and batch_size < 4:  # the epoch runs to its full count of batches: its validation too
-        assert len(after) == (len(whole) // batch_size - 3) * batch_size
+    assert len(set(whole)) == len(whole) == 24
+    if checkpoint == "s3" and not bucket:
+        n = min(12, len(after))  # with batches of 8, how many Lightning still takes depends on its version
+        assert after[:n] == whole[12 : 12 + n] and len(after) >= {4: 12, 2: 12, 8: 0}[batch_size]
+    if batch_size == 4 and checkpoint == "s3":
+        assert len(after) == 12  # exactly the rest
+    if batch_size == 2:  # the epoch runs to its full count of batches (12 of 2, 6 examples again), so to its validation
+        assert len(after) == (24 // batch_size - 3) * batch_size
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
