@@ -33,9 +33,10 @@ def sample_next_token(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token id per row of ``logits`` (B, vocab): argmax when ``temperature == 0``, else a draw from the
-    softmax at that temperature, restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
-    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that dividing float32 logits by it is 0/0
+    """One token id per row of ``logits`` (B, vocab): argmax when ``temperature`` is 0 (or below float32's
+    smallest normal number, which float32 may hold as 0), else a draw from the softmax at that temperature,
+    restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # the largest logit becomes 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
