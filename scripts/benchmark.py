@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qwen3_lightning.callbacks import gpu_bf16_peak, matmul_flops
-from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.config import PRESETS, Qwen3Config
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 SECTIONS = ("train", "decode", "data")
@@ -58,6 +58,17 @@ PAIRED = "paired"
 """The hidden case of ours and transformers stepping in turn in one process (``run_paired``)."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="train,decode,data", help=f"comma-separated, of {', '.join(SECTIONS)}")
@@ -65,18 +76,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         default=6000,
         help="vocabulary of the synthetic batches; 6000 is about a Chinese character vocabulary "
         "(zh_fortunes.txt has 5969 distinct characters plus specials)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 256; --quick: 64)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; --quick: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, >= 1 (default 2; --quick: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per example (default 256; --quick: 64)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per case (default 10; --quick: 2)")
+    p.add_argument(
+        "--warmup",
+        type=positive_int,
+        default=None,
+        help="untimed steps first, >= 1: the Trainer timer starts at the end of one (default 2; --quick: 1)",
+    )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=positive_int,
         default=None,
         help="fresh processes per training case, interleaved (default 2; --quick: 1)",
     )
@@ -95,13 +111,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "'ours' always runs, as the reference of the other rows",
     )
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
-    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode (default 200; --quick: 16)")
-    p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument(
-        "--decode-repeats", type=int, default=None, help="timed decodes per case, fastest kept (default 3; --quick: 1)"
+        "--new-tokens", type=positive_int, default=None, help="greedy tokens per decode (default 200; --quick: 16)"
+    )
+    p.add_argument("--prompt-len", type=positive_int, default=16)
+    p.add_argument(
+        "--decode-repeats",
+        type=positive_int,
+        default=None,
+        help="timed decodes per case, fastest kept (default 3; --quick: 1)",
     )
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="UTF-8 text for the data section")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--decode-presets", default=None, help="comma-separated presets to decode with (default tiny,small)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -133,10 +154,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = sorted(set(args.cases) - set(CASES))
         if unknown:
             p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    for name in ("preset", "decode_presets"):
+        unknown = sorted(set(getattr(args, name).split(",")) - set(PRESETS))
+        if unknown or (name == "preset" and "," in args.preset):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose from {', '.join(PRESETS)}")
+    decode_length = args.prompt_len + args.new_tokens
+    longest = [(args.preset, args.seq_len, "--seq-len")] if "train" in args.sections else []
+    if "decode" in args.sections:
+        longest += [(d, decode_length, "--prompt-len + --new-tokens") for d in args.decode_presets.split(",")]
+    for preset, length, what in longest:
+        limit = Qwen3Config.from_preset(preset).max_position_embeddings
+        if length > limit:
+            p.error(f"{what} = {length} is longer than {preset}'s max_position_embeddings ({limit})")
+    if args.case_timeout <= 0:
+        p.error(f"--case-timeout {args.case_timeout} must be a positive number of seconds")
     if args.precision is None:
         args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be at least 1 (the Trainer timer measures from the end of a warmup step)")
     return args
 
 

@@ -1,6 +1,7 @@
 """scripts/benchmark.py runs end to end. A --quick run only: its timings are not measurements and are not checked,
 only that every case ran and reported what the README reads from it."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,3 +56,28 @@ def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path)
     real = [modes[m]["real_fraction"] for m in ("padded to longest", "bucket_by_length", "packing")]
     assert 0 < real[0] <= real[1] <= 1 and real[2] > 0.99
     assert "| ours, plain loop |" in proc.stdout  # the Markdown table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nano"], "--preset 'nano': choose from tiny, small"),
+        (["--decode-presets", "tiny,huge"], "--decode-presets 'tiny,huge': choose from"),
+        (["--batch-size", "0"], "argument --batch-size: '0' is not a whole number of at least 1"),
+        (["--steps", "two"], "argument --steps: 'two' is not a whole number of at least 1"),
+        (["--preset", "tiny", "--seq-len", "1025"], "--seq-len = 1025 is longer than tiny's max_position_embeddings"),
+        (["--sections", "decode", "--new-tokens", "1009"], "= 1025 is longer than tiny's max_position_embeddings"),
+        (["--case-timeout", "0"], "--case-timeout 0.0 must be a positive number of seconds"),
+    ],
+)
+def test_bad_benchmark_arguments_stop_before_any_work(argv, message, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    # the longest lengths each preset takes pass
+    good = benchmark.parse_args(["--preset", "tiny", "--seq-len", "1024", "--new-tokens", "1008"])
+    assert (good.preset, good.seq_len, good.decode_presets) == ("tiny", 1024, "tiny,small")
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
