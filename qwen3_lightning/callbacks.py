@@ -192,6 +192,8 @@ class TextSampler(L.Callback):
         from qwen3_lightning.module import is_sharded
 
         self.enabled = not is_sharded(trainer.strategy)
+        if stage != TrainerFn.FITTING:  # samples are written during fit only
+            return
         limit = pl_module.config.max_position_embeddings
         too_long = [p for p in self.prompts if len(p) + 1 >= limit]  # +1: <bos>
         if too_long:  # checked on every rank, before training, so that no rank fails alone later
@@ -263,6 +265,17 @@ class TextSampler(L.Callback):
                 experiment.add_text("samples", body, global_step=trainer.global_step)
 
 
+def is_prediction_file(path: Path) -> bool:
+    """Whether ``path`` starts with a record that ``PredictionWriter`` writes."""
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        record = json.loads(first)
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(record, dict) and {"prompt", "text"} <= record.keys()
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes the ``predict`` subcommand's generations as JSON lines, ``{"prompt": ..., "text": ...}``.
 
@@ -278,6 +291,25 @@ class PredictionWriter(BasePredictionWriter):
     def _path(self, trainer: L.Trainer) -> Path:
         path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
         return path.with_stem(f"{path.stem}.rank{trainer.global_rank}") if trainer.world_size > 1 else path
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.PREDICTING:
+            return
+        # before the checkpoint loads: a path that cannot be written, or a file that is not an earlier
+        # prediction file (the prompts, say), stops the run before the file is emptied
+        path = self._path(trainer)
+        if path.is_dir():
+            raise ValueError(f"predict_writer.output_path={path} is a folder; give a file path, e.g. {path}/out.jsonl.")
+        from qwen3_lightning.data import find_text_files
+
+        prompts = getattr(trainer.datamodule, "predict_path", None)
+        if prompts is not None and path.resolve() in {f.resolve() for f in find_text_files(prompts)}:
+            raise ValueError(f"predict_writer.output_path={path} is the prompts file: writing would replace them.")
+        if path.is_file() and path.stat().st_size and not is_prediction_file(path):
+            raise ValueError(
+                f"predict_writer.output_path={path} holds something other than predictions (its first line is "
+                'not a {"prompt", "text"} record): choose another path, or delete the file.'
+            )
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self._path(trainer)

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
@@ -98,8 +99,12 @@ class Qwen3CLI(LightningCLI):
         for key in CHECKPOINT_KEYS:
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
+        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint)
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
+        elif config.data.tokenizer_path is None and config.ckpt_path and Path(config.ckpt_path).is_file():
+            # validate, test, predict: the checkpoint's own vocabulary, whatever training data the config names
+            config.data.tokenizer_path = str(config.ckpt_path)
 
     def before_fit(self) -> None:
         # Lightning's FSDP loads the weights before on_load_checkpoint can check them: check first
@@ -118,6 +123,26 @@ class Qwen3CLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
         return super().instantiate_trainer(**kwargs)
+
+
+def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, checkpoint: Any) -> str | None:
+    """``--ckpt_path best`` and ``last`` as the files of this run's folder, which Lightning, in a new process,
+    would not find for ``best``. ``fit --ckpt_path last`` with no last.ckpt yet starts a new run (so that one
+    command both starts and resumes a job), saying where it looked; otherwise a missing file is an error."""
+    if ckpt_path is None and subcommand in ("validate", "test", "predict"):
+        rank_zero_warn(f"{subcommand} without --ckpt_path uses a new, untrained model; give a checkpoint to use.")
+    if ckpt_path not in ("best", "last"):
+        return ckpt_path
+    file = Path(checkpoint.dirpath) / f"{checkpoint.filename if ckpt_path == 'best' else 'last'}.ckpt"
+    if file.is_file():
+        return str(file)
+    if subcommand == "fit" and ckpt_path == "last":
+        rank_zero_warn(f"--ckpt_path last: there is no {file} yet, so this run starts from step 0.")
+        return None
+    raise FileNotFoundError(
+        f"--ckpt_path {ckpt_path}: there is no {file}. best.ckpt is written at a run's first validation, last.ckpt "
+        "at each validation and when a run ends; check --trainer.default_root_dir, or give a checkpoint file."
+    )
 
 
 CHECKPOINT_KEYS = ("checkpoint", "periodic_checkpoint", "resume_checkpoint")

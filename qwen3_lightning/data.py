@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from qwen3_lightning.tokenizer import CharTokenizer
+from qwen3_lightning.tokenizer import SPECIAL_TOKENS, CharTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,24 @@ IGNORE_INDEX = -100
 
 
 def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The .txt and .jsonl files named by ``paths``; a directory is searched recursively, in sorted order."""
+    """The .txt and .jsonl files named by ``paths``; a directory is searched recursively, in sorted order,
+    past hidden files and folders (``.git``, ``.ipynb_checkpoints``: copies that would repeat the text)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in TEXT_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
             if not found:
-                raise FileNotFoundError(f"directory {p} holds no {' or '.join(TEXT_SUFFIXES)} files.")
+                raise FileNotFoundError(
+                    f"directory {p} holds no {' or '.join(TEXT_SUFFIXES)} files (hidden ones are not searched)."
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -67,22 +76,41 @@ def read_text(file: Path) -> str:
             codecs.BOM_UTF16_LE: "UTF-16",
             codecs.BOM_UTF16_BE: "UTF-16",
         }
-        source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), "GB18030")
+        source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), None)
+        how = (
+            f"`iconv -f {source} -t UTF-8 in.txt > out.txt`"
+            if source
+            else "`iconv -f GB18030 -t UTF-8 in.txt > out.txt` for Chinese text (GBK), or -f CP1252 for Western "
+            "European text (Windows' Latin-1)"
+        )
         raise ValueError(
-            f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. "
-            f"Convert it, e.g. `iconv -f {source} -t UTF-8 in.txt > out.txt`."
+            f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. Convert it, e.g. {how}."
         ) from None
+
+
+def parse_separator(separator: str) -> str:
+    """``separator`` with the escapes a shell passes through as typed (``'\\n'``, ``'\\t'``, ``'\\r\\n'``) read as
+    the characters they name, and Windows line ends as plain ones, as the text is read."""
+    for escape, char in (("\\r", "\r"), ("\\n", "\n"), ("\\t", "\t")):
+        separator = separator.replace(escape, char)
+    return separator.replace("\r\n", "\n")
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 """What JSON's "\\ud83d" escapes decode to when their pair is missing: a str can hold it, UTF-8 cannot."""
 
 
+BLANK_LINE = re.compile(r"^[^\S\n]+$", re.MULTILINE)
+"""A line of spaces, tabs or ideographic spaces only: it looks blank, so it separates paragraphs as one."""
+
+
 def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
-    """Documents of one file: paragraphs of a .txt (split at ``separator``), or the ``text`` field of each
-    line of a .jsonl. Whitespace around a document is dropped, and so are empty documents."""
+    """Documents of one file: paragraphs of a .txt (split at ``separator``; lines of whitespace only count as
+    blank), or the ``text`` field of each line of a .jsonl. Whitespace around a document is dropped, and so
+    are empty documents."""
     text = read_text(file).replace("\r\n", "\n")
-    if file.suffix != ".jsonl":
+    if file.suffix.lower() != ".jsonl":
+        text = BLANK_LINE.sub("", text)
         return [doc.strip() for doc in (text.split(separator) if separator else [text]) if doc.strip()]
     docs = []
     # split at newlines only: JSON strings may hold U+2028 and other characters that str.splitlines() breaks at
@@ -105,6 +133,17 @@ def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
         if record["text"].strip():
             docs.append(record["text"].strip())
     return docs
+
+
+def read_prompts(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """Prompts, in file order: each non-blank line of a .txt file, the ``text`` of each line of a .jsonl."""
+    prompts = []
+    for file in find_text_files(paths):
+        if file.suffix.lower() == ".jsonl":
+            prompts += read_documents(file)
+        else:
+            prompts += [line.strip() for line in read_text(file).splitlines() if line.strip()]
+    return prompts
 
 
 def load_corpus(paths: str | Path | Sequence[str | Path], separator: str = "\n\n") -> list[str]:
@@ -283,6 +322,23 @@ class EpochSampler(DistributedSampler):
         return iter(indices[self.skip :] + (indices[: self.skip] if self.rotate else []))
 
 
+def load_tokenizer(path: str | Path) -> CharTokenizer:
+    """A saved vocabulary: a ``tokenizer.json`` written by ``CharTokenizer.save``, or the one inside a training
+    checkpoint (``.ckpt``)."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        from qwen3_lightning.interop import checkpoint_tokenizer
+
+        return checkpoint_tokenizer(path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("tokenizer.json"))[:3]
+        raise ValueError(
+            f"data.tokenizer_path={path} is a folder; give the tokenizer.json file of a run (in its "
+            f"logs/version_N/{f': {found}' if found else ''}) or a checkpoint (.ckpt)."
+        )
+    return CharTokenizer.load(path)
+
+
 class TextDataModule(L.LightningDataModule):
     """Reads raw text, builds the character vocabulary from the training split, and serves padded batches.
 
@@ -301,14 +357,17 @@ class TextDataModule(L.LightningDataModule):
         vocab_size: the most vocabulary entries, the 4 special tokens included; None keeps every character.
         min_freq: characters seen fewer times in the training split become ``<unk>``.
         seed: seed of the validation split and of the length buckets.
-        separator: what separates documents in a .txt file (default: a blank line).
+        separator: what separates documents in a .txt file (default: a blank line); ``\\n`` and ``\\t`` as typed
+            on a command line mean a newline and a tab (``--data.separator '\\n'``: one document per line).
         bucket_by_length: batch examples of similar length together, to cut padding.
         packing: join documents with ``<eos>`` into full windows: no padding at all.
         cache_dir: keep the encoded corpus there as NumPy files, memory-mapped on later runs.
         test_path: data for the ``test`` subcommand, in the same forms as ``train_path``.
-        predict_path: a text file of prompts, one per line, for the ``predict`` subcommand.
-        tokenizer_path: use this saved vocabulary (a ``tokenizer.json`` of an earlier run) instead of building
-            one from the training split; characters it lacks become ``<unk>``.
+        predict_path: prompts for the ``predict`` subcommand: a .txt file with one per line, a .jsonl file with
+            one ``text`` field per line, a folder of them or a list.
+        tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, or a checkpoint) instead
+            of building one from the training split; characters it lacks become ``<unk>``. ``validate``, ``test``
+            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's when this is not given.
     """
 
     def __init__(
@@ -328,7 +387,7 @@ class TextDataModule(L.LightningDataModule):
         packing: bool = False,
         cache_dir: str | None = None,
         test_path: str | list[str] | None = None,
-        predict_path: str | None = None,
+        predict_path: str | list[str] | None = None,
         tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
@@ -342,7 +401,13 @@ class TextDataModule(L.LightningDataModule):
         if not 0 <= val_split < 1:
             raise ValueError(f"data.val_split={val_split} must be in [0, 1).")
         if bucket_by_length and packing:
-            raise ValueError("choose bucket_by_length or packing, not both: packed windows are all full length.")
+            raise ValueError(
+                "choose bucket_by_length or packing, not both: packed windows are all full length. To pack with a "
+                "config that buckets (tiny.yaml, small.yaml): --data.bucket_by_length false --data.packing true."
+            )
+        if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise ValueError(f"data.cache_dir={cache_dir} is a file; give a folder (it is created if missing).")
+        separator = parse_separator(separator)
         # vocab_size is left out: the module records the real size, and the tokenizer state records this cap
         self.save_hyperparameters(ignore=["texts", "vocab_size"])
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
@@ -374,6 +439,12 @@ class TextDataModule(L.LightningDataModule):
                     f"data.val_split={val_split} of {len(train_docs)} document(s) leaves "
                     f"{'no validation' if n_val == 0 else 'no training'} document. Raise or lower val_split, "
                     "give data.val_path, or set val_split to 0 to train without validation."
+                    + (
+                        f" Documents are a .txt file's paragraphs, split at data.separator={separator!r}; for one "
+                        "document per line, pass --data.separator '\\n'."
+                        if len(train_docs) < 20
+                        else ""
+                    )
                 )
             held_out = set(order[:n_val])
             val_docs = [d for i, d in enumerate(train_docs) if i in held_out]
@@ -382,9 +453,14 @@ class TextDataModule(L.LightningDataModule):
             val_docs = []
         self._train_docs, self._val_docs = train_docs, val_docs
         if tokenizer_path is not None:
-            self.tokenizer = CharTokenizer.load(tokenizer_path)
+            self.tokenizer = load_tokenizer(tokenizer_path)
         else:
             self.tokenizer = CharTokenizer(vocab_size, min_freq).build_vocab(train_docs)
+            if self.tokenizer.vocab_size == len(SPECIAL_TOKENS):
+                raise ValueError(
+                    f"data.min_freq={min_freq} leaves no character in the vocabulary: none of the training split's "
+                    "characters occurs that often, so all would be <unk>. Lower data.min_freq (1 keeps every one)."
+                )
         self._encode()
 
     @property
@@ -404,12 +480,47 @@ class TextDataModule(L.LightningDataModule):
         self.val_dataset = dataset(self._val_docs) if self._val_docs else None
 
     def setup(self, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self._warn_of_unknown_characters()
+            self._check_monitors()
         if self.trainer is None or not self.trainer.loggers:  # no logger, no log folder (not the working directory)
             return
         log_dir = self.trainer.log_dir  # on every rank: under DDP, reading it is a collective broadcast
         if self.trainer.is_global_zero and log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(Path(log_dir) / "tokenizer.json")
+
+    def _check_monitors(self) -> None:
+        """Early stopping on a validation metric needs validation data: without, Lightning would raise after the
+        first training epoch, before any checkpoint is written."""
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        if self.val_dataset is not None or self.trainer is None:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EarlyStopping) and callback.monitor.startswith("val"):
+                raise ValueError(
+                    f"EarlyStopping monitors {callback.monitor}, but this run has no validation data "
+                    f"(data.val_split={self.hparams.val_split} and no data.val_path). Give validation data, or "
+                    "drop the EarlyStopping callback."
+                )
+
+    def _warn_of_unknown_characters(self) -> None:
+        """Warns when over 1% of the training text becomes ``<unk>``: a vocabulary from another corpus
+        (``tokenizer_path``), or a ``min_freq`` or ``vocab_size`` that drops many characters."""
+        corpus = self.train_dataset.corpus
+        characters = len(corpus.tokens) - 2 * len(corpus)  # each document's <bos> and <eos> are not text
+        unknown = int(np.count_nonzero(corpus.tokens == self.tokenizer.unk_token_id))
+        if characters and unknown / characters > 0.01:
+            cause = (
+                f"data.tokenizer_path={self.hparams.tokenizer_path} lacks them"
+                if self.hparams.tokenizer_path
+                else f"data.min_freq={self.hparams.min_freq} or the vocabulary's size cap drops them"
+            )
+            rank_zero_warn(
+                f"{unknown / characters:.1%} of the training characters ({unknown:,} of {characters:,}) are read as "
+                f"<unk>: {cause}. The model learns nothing of them and writes <unk> in their place."
+            )
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
         items: Dataset = LengthBuckets(dataset, self.batch_size, self.seed) if self.bucket_by_length else dataset
@@ -459,8 +570,7 @@ class TextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_path is None:
             raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
-        prompts = [line.strip() for line in read_text(find_text_files(self.predict_path)[0]).splitlines()]
-        prompts = [p for p in prompts if p]
+        prompts = read_prompts(self.predict_path)
         if not prompts:
             raise ValueError(f"{self.predict_path} holds no prompt: write one prompt per line.")
         return DataLoader(prompts, batch_size=self.batch_size, collate_fn=self.collate_prompts)
@@ -539,9 +649,12 @@ class TextDataModule(L.LightningDataModule):
             self._resume_position = self._resume_skip(position)
         saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
         if saved != self.tokenizer:
+            how = "the same size, in another order" if saved.vocab_size == self.vocab_size else "another size"
             raise ValueError(
                 f"the checkpoint's vocabulary ({saved.vocab_size} tokens) differs from the one built from this "
-                f"data ({self.vocab_size} tokens): resuming would renumber characters. Resume with the data the "
-                "run started with, or pass --data.tokenizer_path with the run's tokenizer.json (next to its "
-                "metrics.csv) to encode this data with the checkpoint's vocabulary."
+                f"run's training split ({self.vocab_size} tokens, {how}): loading it would renumber characters. "
+                "The vocabulary is built from the training split, so other data, another data.val_split or a "
+                "data.val_path changes it. Use the data and split the run started with, or pass "
+                "--data.tokenizer_path with the checkpoint (or its run's tokenizer.json, next to metrics.csv) to "
+                "encode this data with the checkpoint's vocabulary."
             )

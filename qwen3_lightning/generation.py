@@ -17,6 +17,26 @@ if TYPE_CHECKING:
     from qwen3_lightning.tokenizer import CharTokenizer
 
 
+GENERATE_DEFAULTS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": None, "compile": False}
+"""What ``generate_kwargs`` of the ``predict`` subcommand may set, and the values it starts from."""
+
+
+def check_generate_kwargs(kwargs: dict[str, object], name: str = "model.generate_kwargs") -> dict[str, object]:
+    """``GENERATE_DEFAULTS`` updated with ``kwargs``, checked: an unknown option or a bad value is an error now,
+    not after a checkpoint has loaded."""
+    unknown = sorted(set(kwargs) - set(GENERATE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{name} has unknown option(s) {unknown}; the options are {', '.join(GENERATE_DEFAULTS)}.")
+    settings = {**GENERATE_DEFAULTS, **kwargs}
+    check_sampling_args(settings["temperature"], settings["top_k"], settings["top_p"])
+    new = settings["max_new_tokens"]
+    if not isinstance(new, int) or isinstance(new, bool) or new < 0:
+        raise ValueError(f"{name}: max_new_tokens={new!r} must be a whole number >= 0.")
+    if settings["compile"] not in COMPILE_CHOICES:
+        raise ValueError(f"{name}: compile={settings['compile']!r}: choose false, true or max-autotune.")
+    return settings
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
         raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy decoding).")
@@ -85,9 +105,14 @@ def decode_loop(
     T = input_ids.shape[1]
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:
+        fix = (
+            f"ask for at most {limit - T} new tokens"
+            if T < limit
+            else f"the prompt alone is too long: shorten it to at most {limit - 2} characters (its <bos> is a token)"
+        )
         raise ValueError(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_position_embeddings={limit}; ask for at most {max(limit - T, 0)} new tokens."
+            f"max_position_embeddings={limit}; {fix}."
         )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
@@ -209,6 +234,8 @@ def _decode(
         cache.index += 1
 
 
+UNKNOWN_TEXT = "\ufffd"
+"""How generated text shows an ``<unk>`` token: Unicode's replacement character, not nothing."""
 UNKNOWN_CHARACTERS = "the prompt has characters outside the vocabulary, read as <unk>"
 
 
@@ -252,4 +279,4 @@ def stream_text(
         stream=True,
         compile=compile,
     )
-    return (tokenizer.decode(token.tolist()) for token in tokens)
+    return (tokenizer.decode(token.tolist(), unk=UNKNOWN_TEXT) for token in tokens)

@@ -129,13 +129,9 @@ def write_hf_tokenizer(tokenizer: CharTokenizer, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[Qwen3Transformer, CharTokenizer]:
-    """The model and tokenizer of a training checkpoint (``.ckpt``), read without running pickled code."""
-    from qwen3_lightning.model import Qwen3Transformer
-    from qwen3_lightning.tokenizer import CharTokenizer
-
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A training checkpoint (``.ckpt``) as its dict, read without running pickled code; a clear error for a
+    folder, a missing file, or a file that is not a checkpoint of this package."""
     path = Path(path)
     example = "e.g. runs/tiny/checkpoints/best.ckpt"
     if path.is_dir():
@@ -150,7 +146,7 @@ def load_checkpoint(
         hint = f" Checkpoints of a run are in <default_root_dir>/checkpoints, {example}."
         raise FileNotFoundError(f"checkpoint {path} does not exist.{hint}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for non-checkpoint files
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if code:
@@ -163,21 +159,39 @@ def load_checkpoint(
             f"{path} is not a readable PyTorch checkpoint: {why}. Pass a .ckpt file of a training run ({example})."
         ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    vocab = (
-        next((v["tokenizer"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v), None)
-        if isinstance(ckpt, dict)
-        else None
-    )
-    if not hparams or "preset" not in hparams or state is None or vocab is None:
+    if not hparams or "preset" not in hparams or ckpt.get("state_dict") is None or _vocab(ckpt) is None:
         raise ValueError(
             f"{path} is not a checkpoint of a qwen3_lightning training run (it lacks the model's "
             "hyperparameters, weights or vocabulary)."
         )
+    return ckpt
+
+
+def _vocab(ckpt: dict) -> dict | None:
+    """The tokenizer state that the DataModule keeps in a checkpoint (under its class name)."""
+    return next((v["tokenizer"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v), None)
+
+
+def checkpoint_tokenizer(path: str | Path) -> CharTokenizer:
+    """The vocabulary of a training checkpoint, read without loading its weights into memory."""
+    from qwen3_lightning.tokenizer import CharTokenizer
+
+    return CharTokenizer.from_dict(_vocab(read_checkpoint(path, mmap=True)), source=str(path))
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Qwen3Transformer, CharTokenizer]:
+    """The model and tokenizer of a training checkpoint (``.ckpt``), read without running pickled code."""
+    from qwen3_lightning.model import Qwen3Transformer
+    from qwen3_lightning.tokenizer import CharTokenizer
+
+    ckpt = read_checkpoint(path, map_location)
+    hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     config = Qwen3Config.from_preset(
         hparams["preset"], **{**(hparams.get("overrides") or {}), "vocab_size": hparams["vocab_size"]}
     )
     model = Qwen3Transformer(config)
     prefix = "model."
     model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return model, CharTokenizer.from_dict(vocab, source=str(path))
+    return model, CharTokenizer.from_dict(_vocab(ckpt), source=str(path))

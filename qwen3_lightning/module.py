@@ -8,11 +8,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX
+from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 
@@ -27,6 +29,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def normalize_epoch_progress(fit: dict[str, Any]) -> None:
+    """Rewrites a checkpoint's fit-loop counters where Lightning (2.6) would resume them wrongly, into the
+    shapes it resumes exactly: an epoch that finished, or one interrupted mid-way (as by SIGTERM).
+
+    - Saved after an epoch's last batch and its end hooks (the end of a run, a SIGTERM there), whether or not
+      the epoch counts as completed yet: Lightning would carry the finished epoch's batch count and "last batch"
+      flag into the next epoch, or under ``max_steps`` count the finished epoch once more; either way it skips
+      an epoch. Now the epoch counts as completed and the next one starts from its first batch.
+    - Saved when the run stopped mid-epoch (``max_steps`` reached, or a stop requested): Lightning counts that
+      epoch as completed, and a resume with a higher ``max_steps`` would start the next epoch, cut short by the
+      batches already run. Now the epoch counts as interrupted, and a resume finishes it first.
+    """
+    batches = fit["epoch_loop.batch_progress"]
+    for epochs in (fit["epoch_progress"]["current"], fit["epoch_progress"]["total"]):
+        if batches["is_last_batch"] and epochs["processed"] == epochs["started"]:
+            epochs["completed"] = epochs["processed"]
+        elif not batches["is_last_batch"] and epochs["completed"] == epochs["started"] and batches["current"]["ready"]:
+            epochs["processed"] = epochs["completed"] = epochs["started"] - 1
+    if (
+        batches["is_last_batch"]
+        and fit["epoch_progress"]["current"]["completed"] == fit["epoch_progress"]["current"]["started"]
+    ):
+        batches["current"].update(dict.fromkeys(batches["current"], 0))
+        batches["is_last_batch"] = False
 
 
 class Qwen3LightningModule(L.LightningModule):
@@ -48,8 +76,9 @@ class Qwen3LightningModule(L.LightningModule):
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: compile the model with ``torch.compile``.
-        generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``
-            (default ``{max_new_tokens: 100, temperature: 0.8, top_k: 50}``).
+        generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
+            max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
+            temperature: 0.8, top_k: 50}``).
     """
 
     def __init__(
@@ -81,11 +110,13 @@ class Qwen3LightningModule(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
         # generate_kwargs stays out of the checkpoint: LightningCLI would let saved values override the flags
         self.save_hyperparameters(ignore=["criterion", "generate_kwargs"])
-        self.generate_kwargs = generate_kwargs or {}
+        self.generate_kwargs = check_generate_kwargs(generate_kwargs or {})
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.model: Qwen3Transformer | None = None
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.tokens_seen = 0
+        self._schedule: tuple[int, int, float] | None = None
+        self._resumed_from: dict[str, Any] | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -213,12 +244,15 @@ class Qwen3LightningModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records."""
         tokenizer = self.trainer.datamodule.tokenizer
-        kwargs = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50, **self.generate_kwargs}
         ids = self.model.generate(
-            batch["input_ids"], attention_mask=batch["attention_mask"], eos_token_id=tokenizer.eos_token_id, **kwargs
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            eos_token_id=tokenizer.eos_token_id,
+            **self.generate_kwargs,
         )
         new = ids[:, batch["input_ids"].shape[1] :].tolist()
-        return [{"prompt": p, "text": tokenizer.decode(t)} for p, t in zip(batch["prompts"], new, strict=True)]
+        texts = [tokenizer.decode(t, unk=UNKNOWN_TEXT) for t in new]
+        return [{"prompt": p, "text": t} for p, t in zip(batch["prompts"], texts, strict=True)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -242,15 +276,52 @@ class Qwen3LightningModule(L.LightningModule):
             eps=hp.eps,
             fused=fused or None,
         )
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
+        # the schedule's length is set in on_train_start: until then every step has the peak rate
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_multiplier(self, step: int) -> float:
+        """The learning-rate schedule (``warmup_cosine``) at optimizer step ``step``, once its length is known."""
+        if self._schedule is None:
+            return 1.0
+        return warmup_cosine(step, *self._schedule)
+
+    def on_train_start(self) -> None:
+        """Lays out the schedule over this run's length, and sets this run's optimizer settings (learning rate,
+        betas, eps, weight decay) over those a resumed checkpoint restored, from the step it resumed at.
+
+        Done here, not in ``configure_optimizers``: asking Lightning for the run's length there makes it build
+        the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
+        first epoch of a resumed run would then be drawn in the order of epoch 0."""
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
+        hp = self.hparams
         warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
-        min_ratio = hp.min_lr / hp.learning_rate
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, int(total), min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        self._schedule = (warmup, int(total), hp.min_lr / hp.learning_rate)
+        scheduler = self.lr_schedulers()
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
+        rate = hp.learning_rate * self.lr_multiplier(scheduler.last_epoch)
+        for group, decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
+            group.update(lr=rate, initial_lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, weight_decay=decay)
+        saved = self._resumed_from or {}
+        changed = [
+            f"{k}={v} (the checkpoint's: {saved[k]})"
+            for k, v in self._optimizer_settings().items()
+            if saved.get(k, v) != v
+        ]
+        if changed:
+            rank_zero_info(
+                f"resumed with other optimizer settings, which apply from this step on: {', '.join(changed)}"
+            )
+
+    def _optimizer_settings(self) -> dict[str, Any]:
+        names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
+        return {name: tuple(v) if isinstance(v := self.hparams[name], list) else v for name in names}
 
     def _is_sharded(self) -> bool:
         """Whether the strategy shards parameters (FSDP), rather than keeping a full copy per rank."""
@@ -262,14 +333,8 @@ class Qwen3LightningModule(L.LightningModule):
             for state in checkpoint.get("optimizer_states", []):
                 self._number_optimizer_state_as_parameters(state)
         fit = checkpoint.get("loops", {}).get("fit_loop")
-        epochs = fit["epoch_progress"]["current"] if fit else None
-        if epochs and epochs["completed"] == epochs["started"] and fit["epoch_loop.batch_progress"]["is_last_batch"]:
-            # Saved after an epoch's last batch and its end (a SIGTERM there): Lightning (2.6) would restore the
-            # finished epoch's batch count and "last batch" flag into the next epoch, take that one as over too,
-            # and skip it whole on resume. The next epoch starts from its first batch.
-            progress = fit["epoch_loop.batch_progress"]
-            progress["current"].update(dict.fromkeys(progress["current"], 0))
-            progress["is_last_batch"] = False
+        if fit:
+            normalize_epoch_progress(fit)
 
     def _number_optimizer_state_as_parameters(self, state: dict[str, Any]) -> None:
         """Renumbers an optimizer state dict's parameters by their position in ``self.parameters()``.
@@ -292,6 +357,8 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        saved = checkpoint.get("hyper_parameters") or {}
+        self._resumed_from = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         self.check_resumable(checkpoint)
 
     def check_resumable(self, checkpoint: dict[str, Any]) -> None:

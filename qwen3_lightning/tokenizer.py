@@ -75,14 +75,19 @@ class CharTokenizer:
             ids = [self.bos_token_id, *ids, self.eos_token_id]
         return ids[:max_length] if max_length is not None else ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        n_special = len(SPECIAL_TOKENS)
-        vocab = self.id_to_token
-        return "".join(
-            vocab[i] if 0 <= i < len(vocab) else self.unk_token
-            for i in map(int, ids)
-            if not (skip_special_tokens and i < n_special)
-        )
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, unk: str | None = None) -> str:
+        """The text of ``ids``. ``skip_special_tokens`` drops ``<pad>``, ``<bos>``, ``<eos>`` and ``<unk>``. With
+        ``unk``, ``<unk>`` and ids outside the vocabulary are written as that text (e.g. "\ufffd") instead."""
+        vocab, pieces = self.id_to_token, []
+        for i in map(int, ids):
+            unknown = i == self.unk_token_id or not 0 <= i < len(vocab)
+            if unknown and unk is not None:
+                pieces.append(unk)
+            elif not 0 <= i < len(vocab):
+                pieces.append(self.unk_token)
+            elif not (skip_special_tokens and i < len(SPECIAL_TOKENS)):
+                pieces.append(vocab[i])
+        return "".join(pieces)
 
     def unknown_chars(self, text: str) -> set[str]:
         return {c for c in text if c not in self.token_to_id}
@@ -122,6 +127,11 @@ class CharTokenizer:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not a tokenizer JSON file written by CharTokenizer.save: {err}") from err
+        if isinstance(state, dict) and "model" in state and "vocab" not in state:
+            raise ValueError(
+                f"{path} is a transformers (tokenizers) file, such as export writes, not a CharTokenizer "
+                "vocabulary: use the training run's logs/version_N/tokenizer.json, or its checkpoint."
+            )
         return cls.from_dict(state, source=str(path))
 
     def __eq__(self, other: object) -> bool:

@@ -167,6 +167,56 @@ def test_predict_writes_jsonl(checkpoint, tmp_path):
         assert r["text"] == tokenizer.decode(alone[0, ids.shape[1] :].tolist())
 
 
+def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, tmp_path, capsys):
+    # other training data than the run's: the vocabulary comes from the checkpoint, not from rebuilding it
+    other = tmp_path / "other.txt"
+    other.write_text(
+        "\n\n".join(["Some English text.", "Its letters are", "not in the", "vocabulary."]), encoding="utf-8"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "春眠"}\n{"text": "床前"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    main(cli_args("predict", other, tmp_path, "--ckpt_path", str(checkpoint), "--data.predict_path", str(prompts),
+                  "--predict_writer.output_path", str(out), "--model.generate_kwargs",
+                  "{max_new_tokens: 6, temperature: 0}", "--trainer.logger", "false"))  # fmt: skip
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in records] == ["春眠", "床前"]  # the text fields of the .jsonl lines
+    model, tokenizer = load_checkpoint(checkpoint)
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("春眠")]])
+    alone = model.eval().generate(ids, 6, temperature=0, eos_token_id=tokenizer.eos_token_id)
+    assert records[0]["text"] == tokenizer.decode(alone[0, ids.shape[1] :].tolist())
+    corpus = checkpoint.parents[1] / "poems.txt"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("春眠不觉晓，处处闻啼鸟。", encoding="utf-8")
+    # a val_path changes the training split, and so the vocabulary a rebuild would give
+    main(cli_args("validate", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.val_path", str(held_out),
+                  "--trainer.logger", "false"))  # fmt: skip
+    assert "val_loss" in capsys.readouterr().out
+
+
+def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("春眠\n床前\n", encoding="utf-8")
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"id": 1}\n', encoding="utf-8")
+    corpus = checkpoint.parents[1] / "poems.txt"
+    args = cli_args("predict", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.predict_path", str(prompts),
+                    "--model.generate_kwargs", "{max_new_tokens: 2}", "--trainer.logger", "false")  # fmt: skip
+    for target, message in [
+        (prompts, "is the prompts file: writing would replace them"),
+        (tmp_path, "is a folder; give a file path"),
+        (notes, r"holds something other than predictions"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            main([*args, "--predict_writer.output_path", str(target)])
+    assert prompts.read_text(encoding="utf-8") == "春眠\n床前\n"
+    assert notes.read_text(encoding="utf-8") == '{"id": 1}\n'
+    out = tmp_path / "out.jsonl"
+    for _ in range(2):  # an earlier prediction file is replaced
+        main([*args, "--predict_writer.output_path", str(out)])
+        assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
 def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
     corpus = checkpoint.parents[1] / "poems.txt"
     args = cli_args("test", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--trainer.logger", "false")

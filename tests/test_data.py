@@ -4,6 +4,7 @@ import json
 import math
 import random
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from qwen3_lightning.data import (
     find_text_files,
     load_corpus,
     read_documents,
+    read_prompts,
 )
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -86,6 +88,21 @@ def test_find_text_files_directory_is_recursive_sorted_and_filtered(tmp_path):
     assert found == sorted(found)
 
 
+def test_find_text_files_takes_any_case_of_suffix_and_skips_hidden_files_and_folders(tmp_path):
+    root = tmp_path / "data"
+    rels = ["A.TXT", "b.Jsonl", ".ipynb_checkpoints/A-checkpoint.txt", ".notes.txt", "sub/.git/x.txt", "sub/c.txt"]
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text('{"text": "诗"}' if rel.endswith("l") else "诗", encoding="utf-8")
+    assert find_text_files(root) == [root / "A.TXT", root / "b.Jsonl", root / "sub" / "c.txt"]
+    assert read_documents(root / "b.Jsonl") == ["诗"]  # read as JSON lines, whatever the case of its suffix
+    hidden_only = tmp_path / "hidden"
+    (hidden_only / ".cache").mkdir(parents=True)
+    (hidden_only / ".cache" / "a.txt").write_text("诗", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="hidden ones are not searched"):
+        find_text_files(hidden_only)
+
+
 def test_find_text_files_list_keeps_the_given_order(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
@@ -123,6 +140,12 @@ def test_txt_split_drops_surrounding_whitespace_and_empty_documents(tmp_path):
     assert read_documents(path) == ["床前明月光，\n疑是地上霜。", "举头望明月。"]
 
 
+def test_lines_of_only_whitespace_separate_paragraphs_like_blank_lines(tmp_path):
+    path = tmp_path / "poems.txt"
+    path.write_text("床前明月光，\n疑是地上霜。\n \t\n举头望明月。\n\u3000\n低头思故乡。\r\n  \r\n完", encoding="utf-8")
+    assert read_documents(path) == ["床前明月光，\n疑是地上霜。", "举头望明月。", "低头思故乡。", "完"]
+
+
 def test_txt_crlf_and_bom_read_like_lf(tmp_path, zh_docs):
     path = tmp_path / "windows.txt"
     path.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(zh_docs).replace("\n", "\r\n").encode("utf-8"))
@@ -134,6 +157,24 @@ def test_txt_custom_separator(tmp_path):
     path.write_text("一\n\n二###三###\n###四", encoding="utf-8")
     assert read_documents(path, separator="###") == ["一\n\n二", "三", "四"]
     assert read_documents(path, separator="\n") == ["一", "二###三###", "###四"]
+
+
+@pytest.mark.parametrize(
+    ("typed", "docs"),
+    [
+        ("\\n", ["一\t二", "三", "四\t五"]),
+        ("\n", ["一\t二", "三", "四\t五"]),
+        ("\\r\\n\\r\\n", ["一\t二\n三", "四\t五"]),
+        ("\\t", ["一", "二\n三\n\n四", "五"]),
+    ],
+)
+def test_separator_escapes_typed_on_a_command_line_mean_the_characters(tmp_path, typed, docs):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("一\t二\r\n三\r\n\r\n四\t五".encode())
+    dm = TextDataModule(train_path=str(path), separator=typed, val_split=0)
+    corpus = dm.train_dataset.corpus
+    spans = zip(corpus.offsets[:-1], corpus.offsets[1:], strict=True)
+    assert [dm.tokenizer.decode(corpus.tokens[a:b]) for a, b in spans] == docs
 
 
 def test_jsonl_text_fields(tmp_path):
@@ -207,6 +248,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     assert str(path) in msg
     assert f"byte {len(prefix)}" in msg
     assert repr(path.read_bytes()[len(prefix) : len(prefix) + 1]) in msg
+    assert "-f GB18030" in msg and "-f CP1252" in msg  # Chinese or Western European: the bytes cannot tell
 
 
 def test_non_utf8_offset_counts_the_bom(tmp_path):
@@ -550,8 +592,63 @@ def test_packing_dataloader(zh_docs):
 
 
 def test_bucket_by_length_and_packing_together_raise(zh_docs):
-    with pytest.raises(ValueError, match="bucket_by_length"):
+    with pytest.raises(ValueError, match=r"bucket_by_length.*--data.bucket_by_length false --data.packing true"):
         TextDataModule(texts=zh_docs, val_split=0, bucket_by_length=True, packing=True)
+
+
+def test_min_freq_that_leaves_no_character_raises(zh_docs):
+    with pytest.raises(ValueError, match=r"data.min_freq=1000 leaves no character in the vocabulary"):
+        TextDataModule(texts=zh_docs, val_split=0, min_freq=1000)
+
+
+def test_cache_dir_that_is_a_file_raises(zh_docs, tmp_path):
+    file = tmp_path / "cache"
+    file.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"data.cache_dir={file} is a file"):
+        TextDataModule(texts=zh_docs, val_split=0, cache_dir=str(file))
+    assert file.read_text(encoding="utf-8") == "not a folder"
+
+
+def test_a_file_of_one_paragraph_is_told_about_the_separator(tmp_path):
+    path = tmp_path / "novel.txt"
+    path.write_text("\n".join(f"第{i}行。" for i in range(50)), encoding="utf-8")  # one paragraph per line
+    with pytest.raises(ValueError, match=r"of 1 document\(s\).*--data.separator '\\n'"):
+        TextDataModule(train_path=str(path))
+    assert len(TextDataModule(train_path=str(path), separator="\\n").val_dataset.corpus) == 2  # 5% of 50 lines
+
+
+def test_fit_warns_when_much_of_the_text_is_unk(zh_docs, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    TextDataModule(texts=zh_docs[:1], val_split=0).tokenizer.save(path)
+    with pytest.warns(UserWarning, match=r"\d+\.\d% of the training characters .* are read as <unk>: .*tokenizer_path"):
+        TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(path)).setup("fit")
+    with pytest.warns(UserWarning, match=r"are read as <unk>: data.min_freq=2"):
+        TextDataModule(texts=zh_docs, val_split=0, min_freq=2).setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextDataModule(texts=zh_docs, val_split=0).setup("fit")  # every character known: no warning
+        TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(path)).setup("predict")  # not training
+
+
+def test_tokenizer_path_that_is_a_folder_names_the_file_to_give(zh_docs, tmp_path):
+    run_logs = tmp_path / "logs" / "version_0"
+    run_logs.mkdir(parents=True)
+    TextDataModule(texts=zh_docs, val_split=0).tokenizer.save(run_logs / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"is a folder; give the tokenizer.json .*version_0/tokenizer.json"):
+        TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(tmp_path / "logs"))
+
+
+def test_prompts_are_the_lines_of_text_files_and_the_texts_of_jsonl_ones(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.txt").write_text("春眠\n\n  床前明月  \r\n", encoding="utf-8")
+    (tmp_path / "p" / "b.jsonl").write_text('{"text": "举头"}\n\n{"text": "两行\\n提示"}\n', encoding="utf-8")
+    assert read_prompts(tmp_path / "p") == ["春眠", "床前明月", "举头", "两行\n提示"]
+    assert read_prompts([tmp_path / "p" / "b.jsonl", tmp_path / "p" / "a.txt"]) == [
+        "举头",
+        "两行\n提示",
+        "春眠",
+        "床前明月",
+    ]
 
 
 def test_state_dict_round_trip_and_refusal(zh_docs, tmp_path):

@@ -196,7 +196,7 @@ def test_weight_decay_is_chosen_by_name_so_flat_shards_keep_it(monkeypatch):
     module.configure_model()
     for p in module.model.parameters():  # as FSDP with use_orig_params leaves them: flat 1-D shards
         p.data = p.data.flatten()
-    module._trainer = SimpleNamespace(estimated_stepping_batches=10, strategy=None)
+    module._trainer = SimpleNamespace(max_steps=10, max_epochs=None, strategy=None)
     monkeypatch.setattr(module, "_is_sharded", lambda: True)
     decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
     names = {id(p): n for n, p in module.model.named_parameters()}

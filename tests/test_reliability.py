@@ -112,14 +112,20 @@ class TermAt(nn.Module):
         return nn.functional.cross_entropy(logits, labels)
 
 
+EPOCHS_4 = ["--trainer.max_epochs", "4"]  # 28 steps
+
+
 @pytest.mark.parametrize(
     ("step", "extra"),
     [
         (11, []),  # mid-epoch, in the second epoch (7 steps an epoch)
         (14, []),  # on the last batch of the second epoch
         (10, ["--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null"]),  # after a val
+        # a run limited by epochs: Lightning builds the data loader early then (for the schedule's length)
+        (11, EPOCHS_4),
+        (14, [*EPOCHS_4, "--trainer.max_steps", "25"]),
     ],
-    ids=["mid-epoch", "epoch-end", "after-mid-epoch-validation"],
+    ids=["mid-epoch", "epoch-end", "after-mid-epoch-validation", "mid-epoch-max-epochs", "epoch-end-both-limits"],
 )
 def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
     steps = ["--trainer.max_steps", "25", *extra]
@@ -133,7 +139,60 @@ def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
     main(fit_args(corpus, run, *steps, "--ckpt_path", "last"))
     resumed = [loss for _, loss in sorted(losses(run, 1).items())]
     # compared in order: after a resume at an epoch's end, Lightning labels the logged steps one higher
-    assert resumed == pytest.approx([expected[s] for s in range(step, 25)], abs=1e-5)
+    assert resumed == pytest.approx([expected[s] for s in sorted(expected) if s >= step], abs=1e-5)
+    assert len(resumed) == len(expected) - step
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (["--trainer.max_steps", "11"], ["--trainer.max_steps", "25"]),  # stopped mid-epoch by max_steps
+        (["--trainer.max_epochs", "1"], ["--trainer.max_epochs", "3"]),
+        (["--trainer.max_epochs", "1"], ["--trainer.max_epochs", "3", "--trainer.max_steps", "18"]),
+    ],
+    ids=["more-steps", "more-epochs", "more-epochs-under-max-steps"],
+)
+def test_a_finished_run_continues_exactly_with_a_higher_limit(corpus, tmp_path, first, then):
+    # a constant rate after warmup, so that the schedule does not depend on the run's length
+    flat = ["--model.min_lr", "2e-3", "--model.learning_rate", "2e-3"]
+    main(fit_args(corpus, tmp_path / "reference", *flat, *then))
+    expected = [loss for _, loss in sorted(losses(tmp_path / "reference", 0).items())]
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, *flat, *first))
+    done = len(losses(run, 0))
+    main(fit_args(corpus, run, *flat, *then, "--ckpt_path", "last"))
+    resumed = [loss for _, loss in sorted(losses(run, 1).items())]
+    # the rest of the interrupted epoch, then whole epochs: nothing skipped, nothing counted twice
+    assert resumed == pytest.approx(expected[done:], abs=1e-5) and len(resumed) == len(expected) - done > 0
+
+
+def test_ckpt_path_best_and_last_are_the_run_folders_files(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "9"))  # validates after step 7, the end of the first epoch
+    best = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["global_step"]
+    main(["validate", *fit_args(corpus, run, "--ckpt_path", "best")[1:]])
+    assert "val_loss" in capsys.readouterr().out
+    main(fit_args(corpus, run, "--trainer.max_steps", "12", "--ckpt_path", "best"))  # resumes from step 7
+    assert best == 7 and torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
+    with pytest.raises(SystemExit, match=r"--ckpt_path best: there is no .*empty/checkpoints/best.ckpt"):
+        main(fit_args(corpus, tmp_path / "empty", "--ckpt_path", "best"))
+    with pytest.warns(UserWarning, match=r"--ckpt_path last: there is no .*new/checkpoints/last.ckpt yet, so this"):
+        main(fit_args(corpus, tmp_path / "new", "--trainer.max_steps", "2", "--ckpt_path", "last"))
+    assert torch.load(tmp_path / "new/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    with pytest.warns(UserWarning, match="validate without --ckpt_path uses a new, untrained model"):
+        main(["validate", *fit_args(corpus, tmp_path / "other")[1:]])
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.learning_rate", "2e-3", "--model.min_lr", "2e-3"))
+    main(fit_args(corpus, run, "--trainer.max_steps", "8", "--model.learning_rate", "5e-4", "--model.min_lr", "5e-4",
+                  "--model.weight_decay", "0.02", "--ckpt_path", "last"))  # fmt: skip
+    with open(run / "logs/version_1/metrics.csv", encoding="utf-8") as f:
+        rates = [float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
+    assert rates == pytest.approx([5e-4] * 4)  # past warmup: the new constant rate from the first resumed step
+    optimizer = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert [g["weight_decay"] for g in optimizer["param_groups"]] == [0.02, 0.0]
 
 
 class SeenExamples(L.Callback):
@@ -308,6 +367,27 @@ BAD_FIT_INPUT = {
         lambda d: ["--data.max_length", "128"],
         "data.max_length=128 is longer than the model's max_position_embeddings=64",
     ),
+    "early stopping without validation data": (
+        lambda d: [
+            "--data.val_split",
+            "0",
+            "--trainer.callbacks+=EarlyStopping",
+            "--trainer.callbacks.monitor=val_loss",
+        ],
+        "EarlyStopping monitors val_loss, but this run has no validation data",
+    ),
+    "min_freq above every character's count": (
+        lambda d: ["--data.min_freq", "1000"],
+        "data.min_freq=1000 leaves no character in the vocabulary",
+    ),
+    "cache_dir that is a file": (
+        lambda d: ["--data.cache_dir", write(d / "cache", "x")],
+        "data.cache_dir=.*cache is a file",
+    ),
+    "unknown generate_kwargs option": (
+        lambda d: ["--model.generate_kwargs", "{max_tokens: 5}"],
+        r"model.generate_kwargs has unknown option\(s\) \['max_tokens'\]; the options are max_new_tokens",
+    ),
     "sample prompt longer than the model's positions": (
         lambda d: ["--sampler.prompts", "[" + "春" * 70 + "]"],
         "leave no room to generate within the model's max_position_embeddings=64",
@@ -413,7 +493,11 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
     # the same characters, so the same vocabulary size, but other frequencies: other ids
     shuffled = write(tmp_path / "shuffled.txt", "\n\n".join(p[::-1] + p[0] * 5 for p in POEMS * 2))
-    with pytest.raises(SystemExit, match=r"the checkpoint's vocabulary .* differs from the one built from this data"):
+    with pytest.raises(
+        SystemExit,
+        match=r"the checkpoint's vocabulary .* differs from the one built from this run's training split "
+        r"\(77 tokens, the same size, in another order\)",
+    ):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", shuffled, "--ckpt_path", "last"))
 
 
@@ -424,7 +508,8 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
         (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint"),
         (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number >= 0"),
         (["--top_p", "0"], "top_p=0.0 must be in"),
-        (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64"),
+        (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64; ask for at most 63 new"),
+        (["--prompt", "春" * 70, "--max_new_tokens", "0"], "the prompt alone is too long: shorten it to at most 62"),
         (["--num_samples", "0"], "num_samples=0 must be at least 1"),
     ],
 )

@@ -183,6 +183,14 @@ def test_decode_skip_special_tokens(tok):
     assert tok.decode(ids, skip_special_tokens=False) == "<bos>春<pad>眠<unk><eos><pad>"
 
 
+def test_decode_can_show_unk_instead_of_dropping_it(tok):
+    a = tok.token_to_id["春"]
+    ids = [tok.bos_token_id, a, tok.unk_token_id, a, tok.vocab_size + 5, tok.eos_token_id]
+    assert tok.decode(ids, unk="\ufffd") == "春\ufffd春\ufffd"
+    assert tok.decode(ids, skip_special_tokens=False, unk="?") == "<bos>春?春?<eos>"
+    assert tok.decode(ids) == "春春<unk>"  # without unk: <unk> is dropped, an id outside the vocabulary shown
+
+
 def test_decode_accepts_tensor_like_ids(tok):
     torch = pytest.importorskip("torch")
     ids = tok.encode("「你好」", add_special_tokens=True)
@@ -246,6 +254,13 @@ def test_load_of_a_non_tokenizer_file_names_the_path(tmp_path, content):
     with pytest.raises(ValueError) as err:
         CharTokenizer.load(path)
     assert str(path) in str(err.value)
+
+
+def test_load_of_a_transformers_tokenizer_says_which_file_to_use(tmp_path):
+    path = tmp_path / "tokenizer.json"  # what export writes: the tokenizers library's format
+    path.write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"is a transformers \(tokenizers\) file.*logs/version_N/tokenizer.json"):
+        CharTokenizer.load(path)
 
 
 def test_load_refuses_a_vocabulary_without_the_specials_first(tmp_path):
