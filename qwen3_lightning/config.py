@@ -158,6 +158,16 @@ class Qwen3Config:
             rope_theta = rope.get("rope_theta", 1_000_000.0)
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; only the default rotary embedding.")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported; Qwen3's MLP uses silu.")
+        sliding = d.get("use_sliding_window") and d.get("sliding_window") is not None
+        if (sliding and d.get("max_window_layers", 0) < d["num_hidden_layers"]) or (
+            "sliding_attention" in (d.get("layer_types") or [])
+        ):
+            raise ValueError(
+                "config.json asks for sliding-window attention in some layers (use_sliding_window, "
+                "max_window_layers or layer_types); only full attention in every layer is supported."
+            )
         num_heads = d["num_attention_heads"]
         return cls(
             vocab_size=d["vocab_size"],

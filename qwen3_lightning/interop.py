@@ -28,7 +28,14 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
             "Export one with `python -m qwen3_lightning export`."
         )
     config = Qwen3Config.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
-    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the files its weight map names, not whatever else lies in the folder
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
             f"{path} has no *.safetensors weights (PyTorch .bin files are not read: they "
@@ -82,6 +89,10 @@ def export_pretrained(
         generation.update(ids)
         tokenizer.save(out / "vocab.json")
         write_hf_tokenizer(tokenizer, out)
+    # the weights of an earlier, sharded export would stay beside the new ones and win in loaders that
+    # read the index first
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
@@ -112,7 +123,26 @@ def write_hf_tokenizer(tokenizer: CharTokenizer, out: Path) -> None:
         ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
-        "post_processor": None,
+        # <bos> first, as in training: tokenizer(text) gives what the model saw; add_special_tokens=False leaves it out
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": tokenizer.bos_token, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [
+                {"SpecialToken": {"id": tokenizer.bos_token, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {
+                tokenizer.bos_token: {
+                    "id": tokenizer.bos_token,
+                    "ids": [tokenizer.bos_token_id],
+                    "tokens": [tokenizer.bos_token],
+                }
+            },
+        },
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": tokenizer.token_to_id, "unk_token": tokenizer.unk_token},
     }

@@ -140,7 +140,7 @@ def test_export_then_load_in_transformers(checkpoint, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours, tokenizer = load_checkpoint(checkpoint)
-    ids = tok("<bos>春眠不觉晓", return_tensors="pt", add_special_tokens=False).input_ids
+    ids = tok("春眠不觉晓", return_tensors="pt").input_ids  # <bos> first, as in training
     assert ids[0].tolist() == [tokenizer.bos_token_id, *tokenizer.encode("春眠不觉晓")]
     with torch.no_grad():
         assert (hf(ids).logits - ours.eval()(ids)).abs().max() <= 1e-5

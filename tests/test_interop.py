@@ -50,6 +50,9 @@ def test_exported_tokenizer_encodes_like_char_tokenizer(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in (TEXT, "明月 unknown 字 \n\n  end", "", "  两个空格"):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    # by default <bos> first, as the model was trained; and it decodes away
+    assert hf_tok(TEXT)["input_ids"] == [tokenizer.bos_token_id, *tokenizer.encode(TEXT)]
+    assert hf_tok.decode(hf_tok(TEXT)["input_ids"], skip_special_tokens=True) == TEXT
     ids = tokenizer.encode(TEXT)
     assert hf_tok.decode(ids) == tokenizer.decode(ids) == TEXT
     assert (hf_tok.pad_token_id, hf_tok.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -67,6 +70,32 @@ def test_from_pretrained_reads_a_transformers_directory(tmp_path, tied):
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding-window attention"),
+    ],
+)
+def test_from_pretrained_refuses_settings_it_would_compute_otherwise(tmp_path, field, message):
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**small_config().to_hf_config(), **field}))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        Qwen3Transformer.from_pretrained(tmp_path)
+
+
+def test_export_over_a_sharded_export_leaves_only_its_own_weights(tmp_path):
+    torch.manual_seed(2)
+    bigger = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small_config(num_decoder_layer=4).to_hf_config()))
+    bigger.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = Qwen3Transformer(small_config()).eval()
+    export_pretrained(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    back = Qwen3Transformer.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values(), strict=True))
 
 
 def test_round_trip_through_export(tmp_path):
