@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
-from qwen3_lightning.module import Qwen3LightningModule, is_sharded
+from qwen3_lightning.module import Qwen3LightningModule
 
 
 def default_precision() -> str:
@@ -107,16 +107,19 @@ class Qwen3CLI(LightningCLI):
             config.data.tokenizer_path = str(config.ckpt_path)
 
     def before_fit(self) -> None:
-        # Lightning's FSDP loads the weights before on_load_checkpoint can check them: check first
+        # the checkpoint's model shape and vocabulary, checked before anything is written (a log folder, its
+        # config.yaml and tokenizer.json); Lightning's FSDP would even load the weights before on_load_checkpoint
         ckpt_path = self.config.fit.ckpt_path
-        path = Path(self.config.fit.checkpoint.dirpath) / "last.ckpt" if ckpt_path == "last" else ckpt_path
-        if path in (None, "best", "hpc") or not Path(path).is_file() or not is_sharded(self.trainer.strategy):
+        if ckpt_path is None or not Path(ckpt_path).is_file():
             return
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
             return
         self.model.check_resumable(checkpoint)
+        state = checkpoint.get(type(self.datamodule).__qualname__)
+        if isinstance(state, dict) and "tokenizer" in state:
+            self.datamodule.check_vocabulary(state)
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})

@@ -647,6 +647,11 @@ class TextDataModule(L.LightningDataModule):
         position = state_dict.get("position")
         if position and self.trainer is not None and position["batches"]:
             self._resume_position = self._resume_skip(position)
+        self.check_vocabulary(state_dict)
+
+    def check_vocabulary(self, state_dict: dict[str, Any]) -> None:
+        """Refuses a checkpoint's DataModule state whose vocabulary is not this one, which would renumber the
+        characters under the trained weights."""
         saved = CharTokenizer.from_dict(state_dict["tokenizer"], source="the checkpoint")
         if saved != self.tokenizer:
             how = "the same size, in another order" if saved.vocab_size == self.vocab_size else "another size"

@@ -319,6 +319,14 @@ class Qwen3LightningModule(L.LightningModule):
                 f"resumed with other optimizer settings, which apply from this step on: {', '.join(changed)}"
             )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        loop = self.trainer.fit_loop.epoch_loop
+        if self.automatic_optimization and loop._batches_that_stepped != self.global_step:
+            # the step the loggers label rows with. Lightning (2.6) adds one to it when it resumes a checkpoint
+            # written after its last update (at the end of an epoch or a run, on SIGTERM), and every later row
+            # would be labelled one step too high
+            loop._batches_that_stepped = self.global_step
+
     def _optimizer_settings(self) -> dict[str, Any]:
         names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
         return {name: tuple(v) if isinstance(v := self.hparams[name], list) else v for name in names}

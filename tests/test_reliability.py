@@ -137,10 +137,8 @@ def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
         main(fit_args(corpus, run, *steps, "--model.criterion", criterion))
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step
     main(fit_args(corpus, run, *steps, "--ckpt_path", "last"))
-    resumed = [loss for _, loss in sorted(losses(run, 1).items())]
-    # compared in order: after a resume at an epoch's end, Lightning labels the logged steps one higher
-    assert resumed == pytest.approx([expected[s] for s in sorted(expected) if s >= step], abs=1e-5)
-    assert len(resumed) == len(expected) - step
+    resumed = losses(run, 1)  # by step: each row has the step it would have had without the interruption
+    assert resumed == pytest.approx({s: loss for s, loss in expected.items() if s >= step}, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -156,14 +154,15 @@ def test_a_finished_run_continues_exactly_with_a_higher_limit(corpus, tmp_path, 
     # a constant rate after warmup, so that the schedule does not depend on the run's length
     flat = ["--model.min_lr", "2e-3", "--model.learning_rate", "2e-3"]
     main(fit_args(corpus, tmp_path / "reference", *flat, *then))
-    expected = [loss for _, loss in sorted(losses(tmp_path / "reference", 0).items())]
+    expected = losses(tmp_path / "reference", 0)
     run = tmp_path / "run"
     main(fit_args(corpus, run, *flat, *first))
     done = len(losses(run, 0))
     main(fit_args(corpus, run, *flat, *then, "--ckpt_path", "last"))
-    resumed = [loss for _, loss in sorted(losses(run, 1).items())]
+    resumed = losses(run, 1)
     # the rest of the interrupted epoch, then whole epochs: nothing skipped, nothing counted twice
-    assert resumed == pytest.approx(expected[done:], abs=1e-5) and len(resumed) == len(expected) - done > 0
+    assert resumed == pytest.approx({s: loss for s, loss in expected.items() if s >= done}, abs=1e-5)
+    assert len(resumed) == len(expected) - done > 0
 
 
 def test_ckpt_path_best_and_last_are_the_run_folders_files(corpus, tmp_path, capsys):
@@ -417,6 +416,7 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     with pytest.raises(SystemExit, match=r"vocabulary .* differs|vocabulary of .* tokens"):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", other, "--ckpt_path", "last"))
     assert (run / "checkpoints/last.ckpt").read_bytes() == before  # nothing lost
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # refused before a log folder is made
     # with the run's own vocabulary, the new text is accepted (its unknown characters become <unk>)
     tokenizer = next((run / "logs").glob("version_0/tokenizer.json"))
     main(
@@ -477,15 +477,16 @@ def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
-def test_under_a_sharded_strategy_the_checkpoint_is_checked_before_lightning_loads_it(corpus, tmp_path, monkeypatch):
-    # Lightning's FSDP loads the weights before on_load_checkpoint runs: a mismatch would be torch's traceback
+def test_the_checkpoint_is_checked_before_lightning_loads_it(corpus, tmp_path, monkeypatch):
+    # Lightning's FSDP loads the weights before on_load_checkpoint runs: a mismatch would be torch's traceback;
+    # and under any strategy, nothing is written (a log folder) before the check
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
-    monkeypatch.setattr("qwen3_lightning.cli.is_sharded", lambda strategy: True)
     monkeypatch.setattr(Qwen3LightningModule, "on_load_checkpoint", lambda *_: pytest.fail("checked too late"))
     deeper = SMALL.replace("num_decoder_layer: 1", "num_decoder_layer: 3")
     with pytest.raises(SystemExit, match=r"the checkpoint's model is not this run's: num_decoder_layer=1"):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", "last"))
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]
 
 
 def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
