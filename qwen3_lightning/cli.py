@@ -104,7 +104,30 @@ class Qwen3CLI(LightningCLI):
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
         elif config.data.tokenizer_path is None and config.ckpt_path and Path(config.ckpt_path).is_file():
             # validate, test, predict: the checkpoint's own vocabulary, whatever training data the config names
+            # (a file that is not such a checkpoint is left to Lightning's loading, which says what it is)
+            from qwen3_lightning.interop import checkpoint_tokenizer
+
+            try:
+                checkpoint_tokenizer(config.ckpt_path)
+            except ValueError:
+                return
             config.data.tokenizer_path = str(config.ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Where LightningCLI would take all of a checkpoint file's model hyperparameters over the command
+        line's, takes only its shape (``model.preset`` and ``model.overrides``, so that validate, test and
+        predict need no model flags): the learning rate and every other setting stay this command's."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            hparams = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+            shape = {key: hparams[key] for key in ("preset", "overrides") if key in hparams}
+        except Exception:  # not a checkpoint of this package: Lightning's loading says what is wrong
+            return
+        if shape:
+            self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
 
     def before_fit(self) -> None:
         # the checkpoint's model shape and vocabulary, checked before anything is written (a log folder, its

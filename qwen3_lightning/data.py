@@ -10,6 +10,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,7 @@ def load_tokenizer(path: str | Path) -> CharTokenizer:
     """A saved vocabulary: a ``tokenizer.json`` written by ``CharTokenizer.save``, or the one inside a training
     checkpoint (``.ckpt``)."""
     path = Path(path)
-    if path.suffix == ".ckpt":
+    if path.is_file() and zipfile.is_zipfile(path):  # what torch.save writes, whatever the file is called
         from qwen3_lightning.interop import checkpoint_tokenizer
 
         return checkpoint_tokenizer(path)

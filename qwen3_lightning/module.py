@@ -39,15 +39,16 @@ def normalize_epoch_progress(fit: dict[str, Any]) -> None:
       the epoch counts as completed yet: Lightning would carry the finished epoch's batch count and "last batch"
       flag into the next epoch, or under ``max_steps`` count the finished epoch once more; either way it skips
       an epoch. Now the epoch counts as completed and the next one starts from its first batch.
-    - Saved when the run stopped mid-epoch (``max_steps`` reached, or a stop requested): Lightning counts that
-      epoch as completed, and a resume with a higher ``max_steps`` would start the next epoch, cut short by the
-      batches already run. Now the epoch counts as interrupted, and a resume finishes it first.
+    - Saved when the run stopped mid-epoch (``max_steps`` reached, or a stop requested), at its end or in the
+      epoch-end hooks before: Lightning counts that epoch as completed (or about to be), and a resume with a
+      higher ``max_steps`` would start the next epoch, cut short by the batches already run. Now the epoch
+      counts as interrupted, and a resume finishes it first.
     """
     batches = fit["epoch_loop.batch_progress"]
     for epochs in (fit["epoch_progress"]["current"], fit["epoch_progress"]["total"]):
         if batches["is_last_batch"] and epochs["processed"] == epochs["started"]:
             epochs["completed"] = epochs["processed"]
-        elif not batches["is_last_batch"] and epochs["completed"] == epochs["started"] and batches["current"]["ready"]:
+        elif not batches["is_last_batch"] and epochs["processed"] == epochs["started"] and batches["current"]["ready"]:
             epochs["processed"] = epochs["completed"] = epochs["started"] - 1
     if (
         batches["is_last_batch"]
@@ -117,6 +118,7 @@ class Qwen3LightningModule(L.LightningModule):
         self.tokens_seen = 0
         self._schedule: tuple[int, int, float] | None = None
         self._resumed_from: dict[str, Any] | None = None
+        self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -280,7 +282,7 @@ class Qwen3LightningModule(L.LightningModule):
         if trainer.max_epochs == -1 and trainer.max_steps == -1:
             raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
         # the schedule's length is set in on_train_start: until then every step has the peak rate
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
+        scheduler = self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_multiplier(self, step: int) -> float:
@@ -296,19 +298,21 @@ class Qwen3LightningModule(L.LightningModule):
         Done here, not in ``configure_optimizers``: asking Lightning for the run's length there makes it build
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
+        scheduler = self.lr_schedulers()
+        if scheduler is not self._scheduler:  # another's, such as Lightning's learning-rate finder: its own sweep
+            return
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
         hp = self.hparams
         warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
         self._schedule = (warmup, int(total), hp.min_lr / hp.learning_rate)
-        scheduler = self.lr_schedulers()
         optimizer = self.optimizers(use_pl_optimizer=False)
         scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
         rate = hp.learning_rate * self.lr_multiplier(scheduler.last_epoch)
         for group, decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
             group.update(lr=rate, initial_lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, weight_decay=decay)
-        saved = self._resumed_from or {}
+        saved, self._resumed_from = self._resumed_from or {}, None
         changed = [
             f"{k}={v} (the checkpoint's: {saved[k]})"
             for k, v in self._optimizer_settings().items()

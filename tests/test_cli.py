@@ -176,7 +176,9 @@ def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, t
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "春眠"}\n{"text": "床前"}\n', encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    main(cli_args("predict", other, tmp_path, "--ckpt_path", str(checkpoint), "--data.predict_path", str(prompts),
+    renamed = tmp_path / "model.pt"  # a checkpoint is known by its content, not its name
+    renamed.write_bytes(checkpoint.read_bytes())
+    main(cli_args("predict", other, tmp_path, "--ckpt_path", str(renamed), "--data.predict_path", str(prompts),
                   "--predict_writer.output_path", str(out), "--model.generate_kwargs",
                   "{max_new_tokens: 6, temperature: 0}", "--trainer.logger", "false"))  # fmt: skip
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

@@ -182,11 +182,13 @@ def test_ckpt_path_best_and_last_are_the_run_folders_files(corpus, tmp_path, cap
         main(["validate", *fit_args(corpus, tmp_path / "other")[1:]])
 
 
-def test_a_resumed_run_trains_with_its_own_learning_rate(corpus, tmp_path):
+@pytest.mark.parametrize("named", ["last", "by-path"])
+def test_a_resumed_run_trains_with_its_own_learning_rate(corpus, tmp_path, named):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.learning_rate", "2e-3", "--model.min_lr", "2e-3"))
+    ckpt = "last" if named == "last" else str(run / "checkpoints/last.ckpt")  # a path: LightningCLI reads its hparams
     main(fit_args(corpus, run, "--trainer.max_steps", "8", "--model.learning_rate", "5e-4", "--model.min_lr", "5e-4",
-                  "--model.weight_decay", "0.02", "--ckpt_path", "last"))  # fmt: skip
+                  "--model.weight_decay", "0.02", "--ckpt_path", ckpt))  # fmt: skip
     with open(run / "logs/version_1/metrics.csv", encoding="utf-8") as f:
         rates = [float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
     assert rates == pytest.approx([5e-4] * 4)  # past warmup: the new constant rate from the first resumed step
@@ -555,3 +557,13 @@ def test_generate_on_cuda_without_a_gpu_is_refused(corpus, tmp_path):
     main(fit_args(corpus, run, "--trainer.max_steps", "1"))
     with pytest.raises(SystemExit, match="this PyTorch sees no CUDA GPU; use --device cpu"):
         main(["generate", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--device", "cuda"])
+
+
+def test_lightnings_learning_rate_finder_sweeps_from_its_own_minimum(tmp_path):
+    data = TextDataModule(texts=POEMS * 4, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    finder = L.pytorch.tuner.Tuner(trainer).lr_find(model, datamodule=data, min_lr=1e-6, max_lr=1e-2, num_training=6)
+    rates = finder.results["lr"]
+    # a sweep up from min_lr, not from the module's learning rate (3e-4)
+    assert rates[0] == pytest.approx(1e-6) and rates[1] < 1e-4 and rates == sorted(rates) and len(rates) >= 5
