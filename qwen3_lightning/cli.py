@@ -99,6 +99,12 @@ class Qwen3CLI(LightningCLI):
         for key in CHECKPOINT_KEYS:
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
+        strategy = config.trainer.strategy
+        if "fsdp" in str(getattr(strategy, "class_path", strategy)).lower() and not torch.cuda.is_available():
+            raise ValueError(
+                "trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only, and this PyTorch sees none. On a "
+                "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
+            )
         config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint)
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])

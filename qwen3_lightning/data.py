@@ -78,6 +78,19 @@ def read_text(file: Path) -> str:
             codecs.BOM_UTF16_BE: "UTF-16",
         }
         source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), None)
+        if source is None and start < 4 and 0x80 <= raw[start] < 0xC0:  # a UTF-8 continuation byte first
+            rest = raw[start:].lstrip(bytes(range(0x80, 0xC0)))
+            try:
+                text = rest.decode("utf-8")
+            except UnicodeDecodeError:
+                text = ""
+            # the rest is UTF-8 text, with characters beyond ASCII (not a binary file that happens to decode)
+            if "\x00" not in text and any(ord(c) > 127 for c in text[:100_000]):
+                raise ValueError(
+                    f"{file} starts in the middle of a UTF-8 character (byte {start} is {raw[start : start + 1]!r}), "
+                    f"as a file cut out of a larger one does: drop its first {len(raw) - start - len(rest)} byte(s), "
+                    "or cut it at a line start (e.g. with split -l or head -n)."
+                ) from None
         how = (
             f"`iconv -f {source} -t UTF-8 in.txt > out.txt`"
             if source
@@ -638,8 +651,10 @@ class TextDataModule(L.LightningDataModule):
         if changed:
             rank_zero_warn(
                 f"the checkpoint was written mid-epoch with {said}: the batches of an epoch are dealt out "
-                "differently, so the rest of the interrupted epoch is drawn afresh (a few examples may be seen "
-                "twice, others not at all, in that epoch only)."
+                "differently, so the rest of the interrupted epoch is drawn afresh, in that epoch only: some "
+                "examples may be seen twice, others not at all. Lightning counts the rest of that epoch in this "
+                "run's batches, so with fewer batches an epoch than before (more processes, say) the epoch may end "
+                "at once, without its validation."
             )
             return None
         return position["epoch"], position["batches"] * (1 if self.bucket_by_length else self.batch_size), False

@@ -194,7 +194,17 @@ class Qwen3LightningModule(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self._last_batch_shape = tuple(batch["input_ids"].shape)
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())
+        how = (
+            "It is called as criterion(logits of shape (tokens, vocab), labels of shape (tokens,), padding "
+            "labelled -100) and must return one number, as nn.CrossEntropyLoss does."
+        )
+        try:
+            loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(f"model.criterion {type(self.criterion).__name__} failed: {err}. {how}") from err
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"model.criterion {type(self.criterion).__name__} returned {shape}, not one number. {how}")
         return loss, (batch["labels"] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

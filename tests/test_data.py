@@ -251,6 +251,13 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     assert "-f GB18030" in msg and "-f CP1252" in msg  # Chinese or Western European: the bytes cannot tell
 
 
+def test_utf8_cut_in_the_middle_of_a_character_says_so(tmp_path):
+    path = tmp_path / "tail.txt"
+    path.write_bytes("春眠不觉晓\n处处闻啼鸟".encode()[2:])  # what tail -c leaves: the last byte of 春 first
+    with pytest.raises(ValueError, match=r"starts in the middle of a UTF-8 character .* drop its first 1 byte"):
+        read_documents(path)
+
+
 def test_non_utf8_offset_counts_the_bom(tmp_path):
     # the offset must point into the file as it is on disk, where a UTF-8 BOM takes 3 bytes
     raw = b"\xef\xbb\xbf" + "你好\n".encode() + "中文".encode("gbk")

@@ -389,6 +389,14 @@ BAD_FIT_INPUT = {
         lambda d: ["--model.generate_kwargs", "{max_tokens: 5}"],
         r"model.generate_kwargs has unknown option\(s\) \['max_tokens'\]; the options are max_new_tokens",
     ),
+    "criterion that returns one loss a token": (
+        lambda d: ["--model.criterion", "{class_path: torch.nn.CrossEntropyLoss, init_args: {reduction: none}}"],
+        r"model.criterion CrossEntropyLoss returned \(\d+,\), not one number. It is called as criterion\(logits",
+    ),
+    "criterion for other shapes": (
+        lambda d: ["--model.criterion", "torch.nn.MSELoss"],
+        r"model.criterion MSELoss failed: .*must return one number",
+    ),
     "sample prompt longer than the model's positions": (
         lambda d: ["--sampler.prompts", "[" + "春" * 70 + "]"],
         "leave no room to generate within the model's max_position_embeddings=64",
@@ -408,6 +416,15 @@ def test_bad_fit_input_is_refused_before_training(case, corpus, tmp_path, capsys
     reported = str(exit_info.value.code) + capsys.readouterr().err
     assert pytest.importorskip("re").search(message, reported), reported
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_fsdp_without_a_gpu_is_refused_clearly(corpus, tmp_path):
+    with pytest.raises(SystemExit, match=r"trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only"):
+        main(
+            fit_args(corpus, tmp_path / "run", "--config", str(ROOT / "configs/fsdp.yaml"), "--trainer.max_steps", "1")
+        )
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
