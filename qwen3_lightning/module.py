@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
 from typing import Any
 
 import lightning as L
@@ -16,6 +18,8 @@ from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
+
+log = logging.getLogger(__name__)
 
 
 def is_sharded(strategy: object) -> bool:
@@ -116,6 +120,7 @@ class Qwen3LightningModule(L.LightningModule):
         self.model: Qwen3Transformer | None = None
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.tokens_seen = 0
+        self._sigterm = False
         self._schedule: tuple[int, int, float] | None = None
         self._resumed_from: dict[str, Any] | None = None
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -211,9 +216,12 @@ class Qwen3LightningModule(L.LightningModule):
         loss, n_tokens = self._loss(batch)
         # one reduction gives the tokens of all ranks and tells every rank if any loss broke, so that all stop
         # together (a rank stopping alone would leave the others waiting for it forever)
-        tokens, broken = self.trainer.strategy.reduce(
-            torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float()]), reduce_op="sum"
+        sigterm = torch.tensor(float(self._sigterm), device=loss.device)
+        tokens, broken, stopping = self.trainer.strategy.reduce(
+            torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float(), sigterm]), reduce_op="sum"
         ).tolist()
+        if stopping:  # a SIGTERM reached some process: Lightning stops every rank at the end of this step
+            self.trainer._signal_connector.received_sigterm = True
         if broken:
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}) on "
@@ -308,6 +316,8 @@ class Qwen3LightningModule(L.LightningModule):
         Done here, not in ``configure_optimizers``: asking Lightning for the run's length there makes it build
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
+        if self.trainer.world_size > 1:
+            self._note_sigterm_without_collectives()
         scheduler = self.lr_schedulers()
         if scheduler is not self._scheduler:  # another's, such as Lightning's learning-rate finder: its own sweep
             return
@@ -332,6 +342,26 @@ class Qwen3LightningModule(L.LightningModule):
             rank_zero_info(
                 f"resumed with other optimizer settings, which apply from this step on: {', '.join(changed)}"
             )
+
+    def _note_sigterm_without_collectives(self) -> None:
+        """Under several processes, Lightning (2.6) answers SIGTERM with a broadcast from inside the signal
+        handler, which meets the processes' other collectives and hangs the run (seen with gloo) before any
+        checkpoint is saved. Its handler is swapped for one that only notes the signal (and passes it to the
+        processes this one launched); the next training step's reduction tells every rank, and Lightning stops
+        them all at the end of that step, where the checkpoint callbacks save last.ckpt."""
+        connector = self.trainer._signal_connector
+        handlers = getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", None)
+        if not handlers or connector._sigterm_notifier_fn not in handlers:
+            return
+
+        def note(signum: int, frame: object) -> None:
+            log.info("[rank %d] received SIGTERM: stopping with the other processes after this step", self.global_rank)
+            launcher = self.trainer.strategy.launcher
+            if not self._sigterm and launcher is not None:
+                launcher.kill(signum)
+            self._sigterm = True
+
+        handlers[handlers.index(connector._sigterm_notifier_fn)] = note
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         loop = self.trainer.fit_loop.epoch_loop

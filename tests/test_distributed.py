@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import POEMS
+from torch import nn
 
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
@@ -33,6 +36,18 @@ def corpus(tmp_path) -> tuple[Path, Path]:
 
 
 def fit(corpus: tuple[Path, Path], root: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen3_lightning", *fit_args(corpus, root, devices), *extra],
+        capture_output=True,
+        text=True,
+        cwd=root.parent,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def fit_args(corpus: tuple[Path, Path], root: Path, devices: int) -> list[str]:
     args = [
         "fit",
         "--config",
@@ -58,15 +73,7 @@ def fit(corpus: tuple[Path, Path], root: Path, devices: int, *extra: str) -> sub
     ]
     if devices > 1:
         args += ["--trainer.strategy", "ddp"]
-    result = subprocess.run(
-        [sys.executable, "-m", "qwen3_lightning", *args, *extra],
-        capture_output=True,
-        text=True,
-        cwd=root.parent,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return args
 
 
 def train_tokens() -> int:
@@ -204,3 +211,33 @@ def test_weight_decay_is_chosen_by_name_so_flat_shards_keep_it(monkeypatch):
         n for n in names.values() if n.endswith("proj.weight") or n == "lm_head.weight"
     }
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+
+
+class TermAt(nn.Module):
+    """Cross-entropy that sends SIGTERM to its own process at its ``step``-th training call, on the ranks
+    ``ranks``: a scheduler's preemption notice at an exact step."""
+
+    def __init__(self, step: int, ranks: list[int]) -> None:
+        super().__init__()
+        self.step, self.ranks, self.calls = step, ranks, 0
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.step and int(os.environ.get("LOCAL_RANK", "0")) in self.ranks:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("ranks", [[0, 1], [1]], ids=["every-rank", "one-rank"])
+def test_sigterm_under_ddp_stops_every_rank_and_saves_last_ckpt(corpus, tmp_path, ranks):
+    root = tmp_path / "run"
+    criterion = f"{{class_path: {__name__}.TermAt, init_args: {{step: 3, ranks: {ranks}}}}}"
+    args = [*fit_args(corpus, root, 2), "--trainer.max_steps", "1000", "--trainer.max_epochs", "1000"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen3_lightning", *args, "--model.criterion", criterion],
+        capture_output=True, text=True, cwd=root.parent, timeout=240, env=env,
+    )  # fmt: skip
+    assert "interrupted (SIGTERMException) at step 3: saved last.ckpt" in result.stderr, result.stderr[-3000:]
+    assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
