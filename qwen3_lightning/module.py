@@ -214,8 +214,8 @@ class Qwen3LightningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)
-        # one reduction gives the tokens of all ranks and tells every rank if any loss broke, so that all stop
-        # together (a rank stopping alone would leave the others waiting for it forever)
+        # one reduction gives the tokens of all ranks and tells every rank if any loss broke or any process got
+        # SIGTERM, so that all stop together (a rank stopping alone would leave the others waiting for it forever)
         sigterm = torch.tensor(float(self._sigterm), device=loss.device)
         tokens, broken, stopping = self.trainer.strategy.reduce(
             torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float(), sigterm]), reduce_op="sum"
