@@ -62,6 +62,12 @@ def normalize_epoch_progress(fit: dict[str, Any]) -> None:
         batches["is_last_batch"] = False
 
 
+def optimizer_settings(hparams: Any) -> dict[str, Any]:
+    """The optimizer's hyperparameters among ``hparams``, lists (betas, as a checkpoint stores them) as tuples."""
+    names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
+    return {name: tuple(v) if isinstance(v := hparams[name], list) else v for name in names if name in hparams}
+
+
 class Qwen3LightningModule(L.LightningModule):
     """Trains a ``Qwen3Transformer`` on next-token prediction.
 
@@ -332,11 +338,12 @@ class Qwen3LightningModule(L.LightningModule):
         rate = hp.learning_rate * self.lr_multiplier(scheduler.last_epoch)
         for group, decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
             group.update(lr=rate, initial_lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, weight_decay=decay)
-        saved, self._resumed_from = self._resumed_from or {}, None
+        saved = optimizer_settings(self._resumed_from or {})
+        self._resumed_from = None
         changed = [
             f"{k}={v} (the checkpoint's: {saved[k]})"
-            for k, v in self._optimizer_settings().items()
-            if saved.get(k, v) != v
+            for k, v in optimizer_settings(self.hparams).items()
+            if k in saved and saved[k] != v
         ]
         if changed:
             rank_zero_info(
@@ -370,10 +377,6 @@ class Qwen3LightningModule(L.LightningModule):
             # written after its last update (at the end of an epoch or a run, on SIGTERM), and every later row
             # would be labelled one step too high
             loop._batches_that_stepped = self.global_step
-
-    def _optimizer_settings(self) -> dict[str, Any]:
-        names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
-        return {name: tuple(v) if isinstance(v := self.hparams[name], list) else v for name in names}
 
     def _is_sharded(self) -> bool:
         """Whether the strategy shards parameters (FSDP), rather than keeping a full copy per rank."""
@@ -409,8 +412,7 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
-        saved = checkpoint.get("hyper_parameters") or {}
-        self._resumed_from = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        self._resumed_from = checkpoint.get("hyper_parameters") or {}
         self.check_resumable(checkpoint)
 
     def check_resumable(self, checkpoint: dict[str, Any]) -> None:
