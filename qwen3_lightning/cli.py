@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -108,6 +109,14 @@ class Qwen3CLI(LightningCLI):
         config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint)
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
+            unused = [
+                f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
+            ]
+            if config.data.tokenizer_path and unused:
+                rank_zero_warn(
+                    f"{' and '.join(unused)} shape a vocabulary built from the training split; with "
+                    f"data.tokenizer_path={config.data.tokenizer_path} that saved vocabulary is used as it is."
+                )
         elif config.data.tokenizer_path is None and config.ckpt_path and Path(config.ckpt_path).is_file():
             # validate, test, predict: the checkpoint's own vocabulary, whatever training data the config names
             # (a file that is not such a checkpoint is left to Lightning's loading, which says what it is)
@@ -136,8 +145,10 @@ class Qwen3CLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
 
     def before_fit(self) -> None:
-        # the checkpoint's model shape and vocabulary, checked before anything is written (a log folder, its
-        # config.yaml and tokenizer.json); Lightning's FSDP would even load the weights before on_load_checkpoint
+        # the data (read here when data.tokenizer_path defers it), the checkpoint's model shape and vocabulary:
+        # checked before anything is written (a log folder, its config.yaml and tokenizer.json); Lightning's FSDP
+        # would even load the weights before on_load_checkpoint
+        self.datamodule.datasets()
         ckpt_path = self.config.fit.ckpt_path
         if ckpt_path is None or not Path(ckpt_path).is_file():
             return
@@ -149,6 +160,19 @@ class Qwen3CLI(LightningCLI):
         state = checkpoint.get(type(self.datamodule).__qualname__)
         if isinstance(state, dict) and "tokenizer" in state:
             self.datamodule.check_vocabulary(state)
+
+    def before_validate(self) -> None:
+        self.datamodule.datasets()  # read before the log folder is made, as in before_fit
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # this CLI's own callbacks step aside for a run without checkpoints or without a logger, which Lightning
+        # would refuse: a ModelCheckpoint without enable_checkpointing, a LearningRateMonitor without a logger
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, ResumeCheckpoint))]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if not trainer.loggers:
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        return trainer
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
@@ -230,7 +254,7 @@ def generate(
             of seconds and, on a CPU, about three times faster tokens again.
     """
     from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_sampling_args, stream_text, unknown_characters
-    from qwen3_lightning.interop import load_checkpoint
+    from qwen3_lightning.interop import load_checkpoint, read_checkpoint
 
     check_sampling_args(temperature, top_k, top_p)
     if num_samples < 1:
@@ -249,6 +273,15 @@ def generate(
     message = unknown_characters(tokenizer, prompt)
     if message:  # once, on its own line, before the text (the library's warning would land inside it)
         print(f"warning: {message}", file=sys.stderr)
+    trained = read_checkpoint(ckpt_path, mmap=True).get("datamodule_hyper_parameters", {}).get("max_length")
+    last_input = len(tokenizer.encode(prompt)) + max_new_tokens - 1  # <bos> is at 0; the last new token is not fed
+    if trained and last_input >= trained:
+        print(
+            f"warning: the model was trained on {trained} positions (data.max_length); the prompt and "
+            f"max_new_tokens={max_new_tokens} reach position {last_input}, and text past position {trained - 1} "
+            "is usually worse. For longer text, train with a larger data.max_length.",
+            file=sys.stderr,
+        )
     texts = []
     for i in range(num_samples):
         with warnings.catch_warnings():

@@ -369,10 +369,12 @@ class TextDataModule(L.LightningDataModule):
         batch_size: examples per batch on each device.
         num_workers: DataLoader worker processes.
         vocab_size: the most vocabulary entries, the 4 special tokens included; None keeps every character.
+            Not used with ``tokenizer_path``, nor is ``min_freq``: that vocabulary is taken as it is.
         min_freq: characters seen fewer times in the training split become ``<unk>``.
         seed: seed of the validation split and of the length buckets.
-        separator: what separates documents in a .txt file (default: a blank line); ``\\n`` and ``\\t`` as typed
-            on a command line mean a newline and a tab (``--data.separator '\\n'``: one document per line).
+        separator: what separates documents in a .txt file (default ``\\n\\n``: a blank line); ``\\n`` and ``\\t``
+            as typed on a command line mean a newline and a tab (``--data.separator '\\n'``: one document per
+            line).
         bucket_by_length: batch examples of similar length together, to cut padding.
         packing: join documents with ``<eos>`` into full windows: no padding at all.
         cache_dir: keep the encoded corpus there as NumPy files, memory-mapped on later runs.
@@ -381,7 +383,9 @@ class TextDataModule(L.LightningDataModule):
             one ``text`` field per line, a folder of them or a list.
         tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, or a checkpoint) instead
             of building one from the training split; characters it lacks become ``<unk>``. ``validate``, ``test``
-            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's when this is not given.
+            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's when this is not given. With it, the
+            training text is read only when a stage needs it (fit, and validate for a ``val_split``), so
+            ``test`` and ``predict`` need no training data.
     """
 
     def __init__(
@@ -396,7 +400,7 @@ class TextDataModule(L.LightningDataModule):
         vocab_size: int | None = None,
         min_freq: int = 1,
         seed: int = 42,
-        separator: str = "\n\n",
+        separator: str = r"\n\n",  # written as typed, so that --help shows it; read as a blank line
         bucket_by_length: bool = False,
         packing: bool = False,
         cache_dir: str | None = None,
@@ -434,23 +438,45 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("give train_path or texts, not both.")
         if isinstance(texts, str):  # a str is a sequence of one-character strings: each would be a document
             raise ValueError("texts must be a list of documents, e.g. text.split('\\n\\n'), not one string.")
-        if texts is not None:
-            train_docs = [t for t in texts if t.strip()]
-            if not train_docs:
-                raise ValueError("texts holds no non-empty document.")
+        if texts is not None and not any(t.strip() for t in texts):
+            raise ValueError("texts holds no non-empty document.")
+        self._texts = texts
+        self._docs: tuple[list[str], list[str]] | None = None
+        self._datasets: tuple[TextDataset, TextDataset | None] | None = None
+        if tokenizer_path is not None:
+            # the training text is read when a stage needs it (fit, validate): test and predict need none
+            self.tokenizer = load_tokenizer(tokenizer_path)
+            return
+        train_docs, _ = self._documents()
+        self.tokenizer = CharTokenizer(vocab_size, min_freq).build_vocab(train_docs)
+        if self.tokenizer.vocab_size == len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"data.min_freq={min_freq} leaves no character in the vocabulary: none of the training split's "
+                "characters occurs that often, so all would be <unk>. Lower data.min_freq (1 keeps every one)."
+            )
+        self.datasets()
+
+    def _documents(self) -> tuple[list[str], list[str]]:
+        """The training and validation documents, read once: from ``texts`` or ``train_path``, with the
+        validation ones from ``val_path`` or held out of the training documents by ``val_split``."""
+        if self._docs is not None:
+            return self._docs
+        hp, separator = self.hparams, self.separator
+        if self._texts is not None:
+            train_docs = [t for t in self._texts if t.strip()]
         else:
-            if train_path is None:
+            if hp.train_path is None:
                 log.info("no data.train_path given: training on the bundled sample corpus %s", SAMPLE_CORPUS)
-            train_docs = load_corpus(train_path or SAMPLE_CORPUS, separator)
-        if val_path is not None:
-            val_docs = load_corpus(val_path, separator)
-        elif val_split > 0:
+            train_docs = load_corpus(hp.train_path or SAMPLE_CORPUS, separator)
+        if hp.val_path is not None:
+            val_docs = load_corpus(hp.val_path, separator)
+        elif hp.val_split > 0:
             order = list(range(len(train_docs)))
-            random.Random(seed).shuffle(order)
-            n_val = round(len(train_docs) * val_split)
+            random.Random(hp.seed).shuffle(order)
+            n_val = round(len(train_docs) * hp.val_split)
             if n_val == 0 or n_val == len(train_docs):
                 raise ValueError(
-                    f"data.val_split={val_split} of {len(train_docs)} document(s) leaves "
+                    f"data.val_split={hp.val_split} of {len(train_docs)} document(s) leaves "
                     f"{'no validation' if n_val == 0 else 'no training'} document. Raise or lower val_split, "
                     "give data.val_path, or set val_split to 0 to train without validation."
                     + (
@@ -465,35 +491,42 @@ class TextDataModule(L.LightningDataModule):
             train_docs = [d for i, d in enumerate(train_docs) if i not in held_out]
         else:
             val_docs = []
-        self._train_docs, self._val_docs = train_docs, val_docs
-        if tokenizer_path is not None:
-            self.tokenizer = load_tokenizer(tokenizer_path)
-        else:
-            self.tokenizer = CharTokenizer(vocab_size, min_freq).build_vocab(train_docs)
-            if self.tokenizer.vocab_size == len(SPECIAL_TOKENS):
-                raise ValueError(
-                    f"data.min_freq={min_freq} leaves no character in the vocabulary: none of the training split's "
-                    "characters occurs that often, so all would be <unk>. Lower data.min_freq (1 keeps every one)."
-                )
-        self._encode()
+        self._docs = train_docs, val_docs
+        return self._docs
 
     @property
     def vocab_size(self) -> int:
         """Size of the vocabulary built from the training data (what the model's embedding needs)."""
         return self.tokenizer.vocab_size
 
-    def _encode(self) -> None:
-        def dataset(docs: list[str]) -> TextDataset:
-            if self.cache_dir is not None:
-                corpus = EncodedCorpus.cached(docs, self.tokenizer, self.cache_dir)
-            else:
-                corpus = EncodedCorpus.encode(docs, self.tokenizer)
-            return TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+    def datasets(self) -> tuple[TextDataset, TextDataset | None]:
+        """The training and validation examples (None: no validation data), read and encoded on the first call."""
+        if self._datasets is None:
 
-        self.train_dataset = dataset(self._train_docs)
-        self.val_dataset = dataset(self._val_docs) if self._val_docs else None
+            def dataset(docs: list[str]) -> TextDataset:
+                if self.cache_dir is not None:
+                    corpus = EncodedCorpus.cached(docs, self.tokenizer, self.cache_dir)
+                else:
+                    corpus = EncodedCorpus.encode(docs, self.tokenizer)
+                return TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+
+            train_docs, val_docs = self._documents()
+            self._datasets = dataset(train_docs), dataset(val_docs) if val_docs else None
+        return self._datasets
+
+    @property
+    def train_dataset(self) -> TextDataset:
+        """The training split's examples, encoded on first use."""
+        return self.datasets()[0]
+
+    @property
+    def val_dataset(self) -> TextDataset | None:
+        """The validation examples (None without validation data), encoded on first use."""
+        return self.datasets()[1]
 
     def setup(self, stage: str) -> None:
+        if stage in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+            self.datasets()  # read now, so that a bad train_path or val_path stops the run before its first step
         if stage == TrainerFn.FITTING:
             self._warn_of_unknown_characters()
             self._check_monitors()

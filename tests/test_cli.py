@@ -79,6 +79,18 @@ def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
     assert "床前" + texts[0] in capsys.readouterr().out
 
 
+def test_generate_says_when_it_writes_past_the_trained_length(checkpoint, capsys):
+    from qwen3_lightning.cli import generate
+
+    # trained with data.max_length 32: <bos>, 2 prompt characters and 30 new tokens feed positions 0-31 back in
+    generate(str(checkpoint), prompt="床前", max_new_tokens=30, temperature=0, device="cpu")
+    assert "warning" not in capsys.readouterr().err
+    generate(str(checkpoint), prompt="床前", max_new_tokens=31, temperature=0, device="cpu")
+    assert "trained on 32 positions (data.max_length); the prompt and max_new_tokens=31 reach position 32" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -194,6 +206,44 @@ def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, t
     main(cli_args("validate", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.val_path", str(held_out),
                   "--trainer.logger", "false"))  # fmt: skip
     assert "val_loss" in capsys.readouterr().out
+
+
+def test_test_and_predict_need_no_training_data(checkpoint, tmp_path, capsys):
+    # a checkpoint copied to another machine, with the run's config.yaml naming training data left behind
+    moved = tmp_path / "cluster" / "train.txt"
+    corpus = checkpoint.parents[1] / "poems.txt"
+    common = ("--ckpt_path", str(checkpoint), "--trainer.logger", "false")
+    main(cli_args("test", moved, tmp_path, *common, "--data.test_path", str(corpus)))
+    assert "test_loss" in capsys.readouterr().out
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("春眠\n", encoding="utf-8")
+    writer = ("--predict_writer.output_path", str(out), "--model.generate_kwargs", "{max_new_tokens: 3}")
+    main(cli_args("predict", moved, tmp_path, *common, "--data.predict_path", str(prompts), *writer))
+    assert [json.loads(line)["prompt"] for line in out.read_text(encoding="utf-8").splitlines()] == ["春眠"]
+    # validate holds out its split from the training documents, and fit trains on them: both still need them
+    with pytest.raises(SystemExit, match=r"data path .*cluster.train\.txt does not exist"):
+        main(cli_args("validate", moved, tmp_path, *common))
+    root = tmp_path / "new_run"
+    with pytest.raises(SystemExit, match=r"data path .*cluster.train\.txt does not exist"):
+        main(cli_args("fit", moved, root, "--data.tokenizer_path", str(checkpoint)))
+    assert not root.exists()  # refused before a log folder or config.yaml is written
+
+
+def test_fit_says_that_a_saved_vocabulary_ignores_vocab_size_and_min_freq(checkpoint, tmp_path):
+    corpus = checkpoint.parents[1] / "poems.txt"
+    quick = ("--trainer.max_steps", "1", "--trainer.logger", "false")
+    args = cli_args("fit", corpus, tmp_path, "--data.tokenizer_path", str(checkpoint), "--data.min_freq", "3", *quick)
+    with pytest.warns(UserWarning, match=r"data\.min_freq=3 shape a vocabulary .* used as it is"):
+        main(args)
+
+
+def test_fit_runs_without_a_logger_and_without_checkpoints(checkpoint, tmp_path):
+    # Lightning refuses its LearningRateMonitor without a logger, and ModelCheckpoints without checkpointing
+    corpus = checkpoint.parents[1] / "poems.txt"
+    main(cli_args("fit", corpus, tmp_path / "a", "--trainer.max_steps", "2", "--trainer.logger", "false"))
+    assert (tmp_path / "a/checkpoints/last.ckpt").is_file() and not (tmp_path / "a/logs").exists()
+    main(cli_args("fit", corpus, tmp_path / "b", "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
+    assert (tmp_path / "b/logs/version_0/metrics.csv").is_file() and not (tmp_path / "b/checkpoints").exists()
 
 
 def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):

@@ -177,6 +177,20 @@ def test_separator_escapes_typed_on_a_command_line_mean_the_characters(tmp_path,
     assert [dm.tokenizer.decode(corpus.tokens[a:b]) for a, b in spans] == docs
 
 
+def test_the_default_separator_is_a_blank_line_and_help_shows_it(tmp_path, capsys):
+    from qwen3_lightning.cli import main
+
+    path = tmp_path / "lines.txt"
+    path.write_bytes("一\t二\r\n三\r\n\r\n四\t五".encode())
+    dm = TextDataModule(train_path=str(path), val_split=0)
+    corpus = dm.train_dataset.corpus
+    spans = zip(corpus.offsets[:-1], corpus.offsets[1:], strict=True)
+    assert [dm.tokenizer.decode(corpus.tokens[a:b]) for a, b in spans] == ["一\t二\n三", "四\t五"]
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "(type: str, default: \\n\\n)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_jsonl_text_fields(tmp_path):
     path = tmp_path / "docs.jsonl"
     lines = [
@@ -690,6 +704,16 @@ def test_tokenizer_path_uses_the_saved_vocabulary(zh_docs, tmp_path):
     assert encoded.count(dm.tokenizer.unk_token_id) == unknown
     with pytest.raises(FileNotFoundError, match=r"missing\.json"):
         TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(tmp_path / "missing.json"))
+    # with a saved vocabulary the training text is read when a stage needs it, not for test or predict
+    moved = tmp_path / "moved.txt"
+    test_file = tmp_path / "test.txt"
+    test_file.write_text("\n\n".join(zh_docs), encoding="utf-8")
+    later = TextDataModule(train_path=str(moved), tokenizer_path=str(path), test_path=str(test_file), max_length=64)
+    later.setup("test")
+    assert sum(len(b["input_ids"]) for b in later.test_dataloader()) == len(zh_docs)
+    for stage in ("fit", "validate"):
+        with pytest.raises(FileNotFoundError, match=r"moved\.txt does not exist"):
+            later.setup(stage)
 
 
 def test_cache_dir_reuses_the_encoded_corpus(zh_docs, tmp_path, monkeypatch):
