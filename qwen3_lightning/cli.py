@@ -106,27 +106,34 @@ class Qwen3CLI(LightningCLI):
                 "trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only, and this PyTorch sees none. On a "
                 "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
             )
-        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint)
+        initial = config.model.initial_checkpoint
+        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial)
+        if initial is not None and config.ckpt_path is not None:
+            config.model.initial_checkpoint = None  # the weights come from ckpt_path: the file is not even read
+        elif initial is not None:
+            from qwen3_lightning.interop import read_checkpoint
+
+            try:  # a missing file or one that is no checkpoint: said now, before any work
+                read_checkpoint(initial, mmap=True)
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
-            unused = [
-                f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
-            ]
-            if config.data.tokenizer_path and unused:
-                rank_zero_warn(
-                    f"{' and '.join(unused)} shape a vocabulary built from the training split; with "
-                    f"data.tokenizer_path={config.data.tokenizer_path} that saved vocabulary is used as it is."
-                )
-        elif config.data.tokenizer_path is None and config.ckpt_path and Path(config.ckpt_path).is_file():
-            # validate, test, predict: the checkpoint's own vocabulary, whatever training data the config names
-            # (a file that is not such a checkpoint is left to Lightning's loading, which says what it is)
-            from qwen3_lightning.interop import checkpoint_tokenizer
-
-            try:
-                checkpoint_tokenizer(config.ckpt_path)
-            except ValueError:
-                return
-            config.data.tokenizer_path = str(config.ckpt_path)
+        # the vocabulary of the checkpoint whose weights the model takes: fit from model.initial_checkpoint (or,
+        # resuming such a run, from the run's checkpoint); validate, test and predict from --ckpt_path, whatever
+        # training data the config names. A plain fit builds its own, and a resume checks it against the
+        # checkpoint's. A --ckpt_path file that is no checkpoint is left to Lightning's loading to report.
+        source = (config.ckpt_path or initial) if (self.subcommand != "fit" or initial) else None
+        if config.data.tokenizer_path is None and source and Path(source).is_file() and has_vocabulary(source):
+            config.data.tokenizer_path = str(source)
+        unused = [
+            f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
+        ]
+        if self.subcommand == "fit" and config.data.tokenizer_path and unused:
+            rank_zero_warn(
+                f"{' and '.join(unused)} shape a vocabulary built from the training split; with "
+                f"data.tokenizer_path={config.data.tokenizer_path} that saved vocabulary is used as it is."
+            )
 
     def _parse_ckpt_path(self) -> None:
         """Where LightningCLI would take all of a checkpoint file's model hyperparameters over the command
@@ -149,14 +156,18 @@ class Qwen3CLI(LightningCLI):
         # checked before anything is written (a log folder, its config.yaml and tokenizer.json); Lightning's FSDP
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
-        ckpt_path = self.config.fit.ckpt_path
-        if ckpt_path is None or not Path(ckpt_path).is_file():
+        resume = self.config.fit.ckpt_path
+        path = resume or self.config.fit.model.initial_checkpoint  # the weights of a resume replace the initial
+        if path is None or not Path(path).is_file():
             return
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
             return
-        self.model.check_resumable(checkpoint)
+        if resume:
+            self.model.check_resumable(checkpoint)
+        else:
+            self.model.check_initial_checkpoint(checkpoint, path)
         state = checkpoint.get(type(self.datamodule).__qualname__)
         if isinstance(state, dict) and "tokenizer" in state:
             self.datamodule.check_vocabulary(state)
@@ -181,11 +192,24 @@ class Qwen3CLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, checkpoint: Any) -> str | None:
+def has_vocabulary(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint of this package, with the vocabulary inside."""
+    from qwen3_lightning.interop import checkpoint_tokenizer
+
+    try:
+        checkpoint_tokenizer(path)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_ckpt_path(
+    subcommand: str, ckpt_path: str | None, checkpoint: Any, initial_checkpoint: str | None = None
+) -> str | None:
     """``--ckpt_path best`` and ``last`` as the files of this run's folder, which Lightning, in a new process,
     would not find for ``best``. ``fit --ckpt_path last`` with no last.ckpt yet starts a new run (so that one
     command both starts and resumes a job), saying where it looked; otherwise a missing file is an error."""
-    if ckpt_path is None and subcommand in ("validate", "test", "predict"):
+    if ckpt_path is None and initial_checkpoint is None and subcommand in ("validate", "test", "predict"):
         rank_zero_warn(f"{subcommand} without --ckpt_path uses a new, untrained model; give a checkpoint to use.")
     if ckpt_path not in ("best", "last"):
         return ckpt_path

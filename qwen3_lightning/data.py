@@ -91,6 +91,16 @@ def read_text(file: Path) -> str:
                     f"as a file cut out of a larger one does: drop its first {len(raw) - start - len(rest)} byte(s), "
                     "or cut it at a line start (e.g. with split -l or head -n)."
                 ) from None
+        # cut at the end: the text before decodes, with characters beyond ASCII (so it is UTF-8, not GBK's)
+        if (
+            source is None
+            and err.reason == "unexpected end of data"
+            and max(raw[max(0, start - 100_000) : start], default=0) > 127
+        ):
+            raise ValueError(
+                f"{file} ends in the middle of a UTF-8 character (its last {len(raw) - start} byte(s)), as a file cut "
+                "out of a larger one by size does: drop them, or cut it at a line end (e.g. with head -n)."
+            ) from None
         how = (
             f"`iconv -f {source} -t UTF-8 in.txt > out.txt`"
             if source

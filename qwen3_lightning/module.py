@@ -87,6 +87,11 @@ class Qwen3LightningModule(L.LightningModule):
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: compile the model with ``torch.compile``.
+        initial_checkpoint: a training checkpoint (.ckpt) whose weights the model starts from, to fine-tune it
+            on other text: a new run, with a fresh optimizer, schedule and step count. Its model must have this
+            one's shape and vocabulary (the CLI takes the vocabulary from it, as ``data.tokenizer_path``). A
+            resumed run (``ckpt_path``) takes its weights from that checkpoint; the CLI then does not read this
+            file (so it may be gone), and records it as null.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
             max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
             temperature: 0.8, top_k: 50}``).
@@ -107,6 +112,7 @@ class Qwen3LightningModule(L.LightningModule):
         criterion: nn.Module | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        initial_checkpoint: str | None = None,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -145,10 +151,37 @@ class Qwen3LightningModule(L.LightningModule):
             self.model = model
         else:
             self.model = Qwen3Transformer(self.config)
+        if self.hparams.initial_checkpoint:  # a resumed checkpoint's weights then replace these
+            self._load_initial_weights(self.hparams.initial_checkpoint)
         self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
         if self.hparams.compile:
             for layer in self.model.model.layers:
                 layer.compile()
+
+    def _load_initial_weights(self, path: str) -> None:
+        from qwen3_lightning.interop import read_checkpoint
+
+        checkpoint = read_checkpoint(path, map_location=self.model.model.embed_tokens.weight.device)
+        self.check_initial_checkpoint(checkpoint, path)
+        prefix = "model."
+        self.model.load_state_dict(
+            {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        )
+        rank_zero_info(f"model weights from {path} (model.initial_checkpoint)")
+
+    def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Refuses an ``initial_checkpoint`` whose weights do not fit this model, or, with this package's
+        DataModule, whose vocabulary is not the run's."""
+        differ = self._shape_differences(checkpoint)
+        if differ:
+            raise ValueError(
+                f"model.initial_checkpoint={path} holds another model: {', '.join(differ)}. Start from it with the "
+                "model settings of the run that wrote it (model.preset and model.overrides in its config.yaml)."
+            )
+        datamodule = self.trainer.datamodule if self._trainer else None
+        state = checkpoint.get(type(datamodule).__qualname__)
+        if hasattr(datamodule, "check_vocabulary") and isinstance(state, dict) and "tokenizer" in state:
+            datamodule.check_vocabulary(state)
 
     @property
     def flops_per_batch(self) -> float | None:
@@ -426,18 +459,27 @@ class Qwen3LightningModule(L.LightningModule):
                 f"{self.config.vocab_size}: resuming would renumber characters. Resume with the data the run "
                 "started with, or pass --data.tokenizer_path with that run's tokenizer.json."
             )
+        differ = self._shape_differences(checkpoint)
+        if differ:
+            raise ValueError(
+                f"the checkpoint's model is not this run's: {', '.join(differ)}. Resume with the model settings "
+                "the run started with (model.preset and model.overrides in its logs/version_0/config.yaml), or "
+                "start a new run in another --trainer.default_root_dir."
+            )
+
+    def _shape_differences(self, checkpoint: dict[str, Any]) -> list[str]:
+        """The fields that shape the weights (vocabulary included) where a checkpoint's model differs from this
+        one, as ``name=saved (this run: ours)``; others (``max_position_embeddings``, say) may change."""
         hparams = checkpoint.get("hyper_parameters") or {}
-        if "preset" in hparams:
-            overrides = {**(hparams.get("overrides") or {}), "vocab_size": self.config.vocab_size}
-            saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
-            differ = [  # fields that shape the weights; others (max_position_embeddings, say) may change
-                f"{name}={getattr(saved_config, name)!r} (this run: {getattr(self.config, name)!r})"
-                for name in WEIGHT_SHAPE_FIELDS
-                if getattr(saved_config, name) != getattr(self.config, name)
-            ]
-            if differ:
-                raise ValueError(
-                    f"the checkpoint's model is not this run's: {', '.join(differ)}. Resume with the model settings "
-                    "the run started with (model.preset and model.overrides in its logs/version_0/config.yaml), or "
-                    "start a new run in another --trainer.default_root_dir."
-                )
+        if "preset" not in hparams:
+            return []
+        overrides = {
+            **(hparams.get("overrides") or {}),
+            "vocab_size": hparams.get("vocab_size", self.config.vocab_size),
+        }
+        saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
+        return [
+            f"{name}={getattr(saved_config, name)!r} (this run: {getattr(self.config, name)!r})"
+            for name in WEIGHT_SHAPE_FIELDS
+            if getattr(saved_config, name) != getattr(self.config, name)
+        ]

@@ -41,7 +41,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen3_lightning", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_generate_prints_seeded_samples(checkpoint):
+def test_generate_prints_seeded_samples(checkpoint, capsys):
     args = [
         "generate",
         "--ckpt_path",
@@ -59,9 +59,10 @@ def test_generate_prints_seeded_samples(checkpoint):
         "--seed",
         "0",
     ]
-    first, second = run_cli(*args), run_cli(*args)
+    first = run_cli(*args)  # through `python -m`, once; again in this process
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout == second.stdout  # same seed, same text
+    main(args)
+    assert capsys.readouterr().out == first.stdout  # same seed, same text
     samples = [line for line in first.stdout.splitlines() if line.startswith("春眠")]
     assert len(samples) == 2 and first.stdout.count("--- sample") == 2
     _, tokenizer = load_checkpoint(checkpoint)
@@ -141,9 +142,8 @@ def test_generate_warns_of_unknown_characters_on_its_own_line(checkpoint, capsys
 def test_generate_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    result = run_cli("generate", "--ckpt_path", str(bad))
-    assert result.returncode != 0 and "not a readable PyTorch checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit, match=r"^error: .*notes\.txt is not a readable PyTorch checkpoint"):
+        main(["generate", "--ckpt_path", str(bad)])  # an exit with the message, not a traceback
 
 
 def test_export_then_load_in_transformers(checkpoint, tmp_path):
@@ -244,6 +244,40 @@ def test_fit_runs_without_a_logger_and_without_checkpoints(checkpoint, tmp_path)
     assert (tmp_path / "a/checkpoints/last.ckpt").is_file() and not (tmp_path / "a/logs").exists()
     main(cli_args("fit", corpus, tmp_path / "b", "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
     assert (tmp_path / "b/logs/version_0/metrics.csv").is_file() and not (tmp_path / "b/checkpoints").exists()
+
+
+def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_path):
+    from qwen3_lightning.data import TextDataModule
+
+    initial = tmp_path / "pretrained.ckpt"
+    initial.write_bytes(checkpoint.read_bytes())
+    other = tmp_path / "other.txt"  # other text, whose own vocabulary would differ: the checkpoint's is used
+    other.write_text(
+        "\n\n".join(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽。", "黄河入海流。"] * 3)
+    )
+    assert TextDataModule(train_path=str(other)).tokenizer != load_checkpoint(checkpoint)[1]
+    root = tmp_path / "tuned"
+    args = cli_args("fit", other, root, "--model.initial_checkpoint", str(initial), "--trainer.max_steps", "1")
+    main([*args, "--model.learning_rate", "1e-9", "--model.min_lr", "0"])  # one step that barely moves a weight
+    tuned = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    start = torch.load(checkpoint, weights_only=True)
+    assert tuned["global_step"] == 1 and tuned["epoch"] == 0  # a new run, from the checkpoint's weights
+    assert tuned["TextDataModule"]["tokenizer"] == start["TextDataModule"]["tokenizer"]
+    assert tuned["state_dict"].keys() == start["state_dict"].keys()
+    for name, weight in start["state_dict"].items():
+        assert torch.allclose(tuned["state_dict"][name], weight, atol=1e-6), name
+    # resuming the fine-tuning run takes the weights from its own checkpoint: the initial file is not needed
+    initial.unlink()
+    main([*args[:-1], "2", "--ckpt_path", "last"])
+    assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    # refused before any work: a missing file, or a model of another shape
+    with pytest.raises(SystemExit, match=r"model\.initial_checkpoint: checkpoint .*pretrained\.ckpt does not exist"):
+        main(cli_args("fit", other, tmp_path / "a", "--model.initial_checkpoint", str(initial)))
+    wider = "{num_decoder_layer: 1, hidden_size: 64, intermediate_size: 64, max_position_embeddings: 64}"
+    with pytest.raises(SystemExit, match=r"holds another model: hidden_size=32 \(this run: 64\)"):
+        main([*cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(checkpoint)),
+              "--model.overrides", wider])  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):

@@ -184,20 +184,22 @@ def scale_through_data(model: Qwen3Transformer) -> None:
     model.lm_head.weight.data.mul_(-1.0)  # tied to the embedding: both change; .data writes bump no version
 
 
-@pytest.mark.parametrize("change", [fused_adamw_step, scale_through_data])
-def test_max_autotune_decoding_equals_eager_and_follows_weight_changes(change):
+def test_max_autotune_decoding_equals_eager_and_follows_weight_changes():
     # freezing folds the weights into the graph: after they change it must compile again, not reuse them
     torch.manual_seed(0)
     model = Qwen3Transformer(dataclasses.replace(CONFIG, initializer_range=0.2)).eval()
     prompts = torch.randint(4, 83, (2, 5))
     mask = torch.ones_like(prompts)
     mask[1, :2] = 0
-    eager = model.generate(prompts, 8, temperature=0, attention_mask=mask)
-    assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), eager)
-    change(model)
-    changed = model.generate(prompts, 8, temperature=0, attention_mask=mask)
-    assert not torch.equal(changed, eager)
-    assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), changed)
+    before = model.generate(prompts, 8, temperature=0, attention_mask=mask)
+    assert torch.equal(model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune"), before)
+    for change in (fused_adamw_step, scale_through_data):
+        change(model)
+        eager = model.generate(prompts, 8, temperature=0, attention_mask=mask)
+        assert not torch.equal(eager, before), change.__name__
+        compiled = model.generate(prompts, 8, temperature=0, attention_mask=mask, compile="max-autotune")
+        assert torch.equal(compiled, eager), change.__name__
+        before = eager
 
 
 @pytest.mark.parametrize("mode", [True, "max-autotune"])
