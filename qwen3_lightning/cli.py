@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 import traceback
 import warnings
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.data import TextDataModule
@@ -327,8 +329,10 @@ def generate(
 
 
 def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bool = False) -> None:
-    """Writes a training checkpoint as a transformers model directory (config.json, model.safetensors,
-    generation_config.json, tokenizer.json and vocab.json).
+    """Writes a training checkpoint as a transformers model directory.
+
+    The directory holds config.json, model.safetensors, generation_config.json, tokenizer.json,
+    tokenizer_config.json and vocab.json.
 
     Args:
         ckpt_path: a .ckpt file of a training run.
@@ -386,6 +390,8 @@ def main(args: list[str] | None = None) -> None:
             )
         else:
             Qwen3CLI(args=args)
+    except SIGTERMException:  # last.ckpt is saved; Lightning would exit with 0, as if the run had finished
+        sys.exit(128 + signal.SIGTERM)  # 143, what a process stopped by SIGTERM reports
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not raised_here(err):
             raise

@@ -128,10 +128,10 @@ BLANK_LINE = re.compile(r"^[^\S\n]+$", re.MULTILINE)
 """A line of spaces, tabs or ideographic spaces only: it looks blank, so it separates paragraphs as one."""
 
 
-def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
+def read_documents(file: Path, separator: str = "\n\n", keep_empty: bool = False) -> list[str]:
     """Documents of one file: paragraphs of a .txt (split at ``separator``; lines of whitespace only count as
     blank), or the ``text`` field of each line of a .jsonl. Whitespace around a document is dropped, and so
-    are empty documents."""
+    are empty documents, except a .jsonl's with ``keep_empty`` (one per record: prompts)."""
     text = read_text(file).replace("\r\n", "\n")
     if file.suffix.lower() != ".jsonl":
         text = BLANK_LINE.sub("", text)
@@ -154,17 +154,18 @@ def read_documents(file: Path, separator: str = "\n\n") -> list[str]:
                 "surrogate pair (often an emoji cut in two), which no UTF-8 text can hold. Remove that escape "
                 "or complete the pair."
             )
-        if record["text"].strip():
+        if record["text"].strip() or keep_empty:
             docs.append(record["text"].strip())
     return docs
 
 
 def read_prompts(paths: str | Path | Sequence[str | Path]) -> list[str]:
-    """Prompts, in file order: each non-blank line of a .txt file, the ``text`` of each line of a .jsonl."""
+    """Prompts, in file order: each non-blank line of a .txt file, the ``text`` of each record of a .jsonl (an
+    empty one too: generation then starts from ``<bos>``, and the outputs stay one per record)."""
     prompts = []
     for file in find_text_files(paths):
         if file.suffix.lower() == ".jsonl":
-            prompts += read_documents(file)
+            prompts += read_documents(file, keep_empty=True)
         else:
             prompts += [line.strip() for line in read_text(file).splitlines() if line.strip()]
     return prompts

@@ -456,8 +456,10 @@ class Qwen3LightningModule(L.LightningModule):
         if saved is not None and saved.shape[0] != self.config.vocab_size:
             raise ValueError(
                 f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, but this run's data gives "
-                f"{self.config.vocab_size}: resuming would renumber characters. Resume with the data the run "
-                "started with, or pass --data.tokenizer_path with that run's tokenizer.json."
+                f"{self.config.vocab_size}: resuming would renumber characters. The vocabulary is built from the "
+                "training split, so other data, another data.val_split or a data.val_path changes it. Resume with the "
+                "data the run started with, or pass --data.tokenizer_path with the checkpoint to encode this data "
+                "with its vocabulary."
             )
         differ = self._shape_differences(checkpoint)
         if differ:

@@ -186,7 +186,7 @@ def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, t
         "\n\n".join(["Some English text.", "Its letters are", "not in the", "vocabulary."]), encoding="utf-8"
     )
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"text": "春眠"}\n{"text": "床前"}\n', encoding="utf-8")
+    prompts.write_text('{"text": "春眠"}\n{"text": ""}\n{"text": "床前"}\n', encoding="utf-8")
     out = tmp_path / "out.jsonl"
     renamed = tmp_path / "model.pt"  # a checkpoint is known by its content, not its name
     renamed.write_bytes(checkpoint.read_bytes())
@@ -194,7 +194,8 @@ def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, t
                   "--predict_writer.output_path", str(out), "--model.generate_kwargs",
                   "{max_new_tokens: 6, temperature: 0}", "--trainer.logger", "false"))  # fmt: skip
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["prompt"] for r in records] == ["春眠", "床前"]  # the text fields of the .jsonl lines
+    # the text fields of the .jsonl lines, one output per record: an empty text starts from <bos>
+    assert [r["prompt"] for r in records] == ["春眠", "", "床前"]
     model, tokenizer = load_checkpoint(checkpoint)
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode("春眠")]])
     alone = model.eval().generate(ids, 6, temperature=0, eos_token_id=tokenizer.eos_token_id)

@@ -240,4 +240,5 @@ def test_sigterm_under_ddp_stops_every_rank_and_saves_last_ckpt(corpus, tmp_path
         capture_output=True, text=True, cwd=root.parent, timeout=240, env=env,
     )  # fmt: skip
     assert "interrupted (SIGTERMException) at step 3: saved last.ckpt" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 143
     assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
