@@ -116,29 +116,33 @@ EPOCHS_4 = ["--trainer.max_epochs", "4"]  # 28 steps
 
 
 @pytest.mark.parametrize(
-    ("step", "extra"),
+    ("step", "extra", "at"),
     [
-        (11, []),  # mid-epoch, in the second epoch (7 steps an epoch)
-        (14, []),  # on the last batch of the second epoch
-        (10, ["--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null"]),  # after a val
+        (11, [], 11),  # mid-epoch, in the second epoch (7 steps an epoch)
+        (14, [], 14),  # on the last batch of the second epoch
+        (10, ["--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null"], 10),  # after a val
         # a run limited by epochs: Lightning builds the data loader early then (for the schedule's length)
-        (11, EPOCHS_4),
-        (14, [*EPOCHS_4, "--trainer.max_steps", "25"]),
+        (11, EPOCHS_4, 11),
+        (14, [*EPOCHS_4, "--trainer.max_steps", "25"], 14),
+        # gradient accumulation: optimizer steps after batches 2, 4, 6, 7 (the epoch's last), 9 and 11
+        (11, ["--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "12"], 6),
     ],
-    ids=["mid-epoch", "epoch-end", "after-mid-epoch-validation", "mid-epoch-max-epochs", "epoch-end-both-limits"],
-)
-def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra):
+    ids=["mid-epoch", "epoch-end", "after-mid-epoch-validation", "mid-epoch-max-epochs", "epoch-end-both-limits",
+         "accumulating"],
+)  # fmt: skip
+def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra, at):
     steps = ["--trainer.max_steps", "25", *extra]
     main(fit_args(corpus, tmp_path / "reference", *steps))
     expected = losses(tmp_path / "reference", 0)
     run = tmp_path / "run"
     criterion = f"{{class_path: {__name__}.TermAt, init_args: {{step: {step}}}}}"
-    with pytest.raises(SystemExit):  # Lightning ends a SIGTERM-ed run with SystemExit
+    with pytest.raises(SystemExit, match="143"):  # 128 + SIGTERM
         main(fit_args(corpus, run, *steps, "--model.criterion", criterion))
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == at
     main(fit_args(corpus, run, *steps, "--ckpt_path", "last"))
     resumed = losses(run, 1)  # by step: each row has the step it would have had without the interruption
-    assert resumed == pytest.approx({s: loss for s, loss in expected.items() if s >= step}, abs=1e-5)
+    assert resumed == pytest.approx({s: loss for s, loss in expected.items() if s >= at}, abs=1e-5)
+    assert len(resumed) == len(expected) - at > 0
 
 
 @pytest.mark.parametrize(
