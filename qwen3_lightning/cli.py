@@ -140,18 +140,35 @@ class Qwen3CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Where LightningCLI would take all of a checkpoint file's model hyperparameters over the command
         line's, takes only its shape (``model.preset`` and ``model.overrides``, so that validate, test and
-        predict need no model flags): the learning rate and every other setting stay this command's."""
+        predict need no model flags): the learning rate and every other setting stay this command's. Without a
+        ``ckpt_path`` file, the shape of ``model.initial_checkpoint``, the model a fine-tuning run starts from."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else config.model.get("initial_checkpoint")
+        if not source or not Path(source).is_file():
             return
         try:
-            hparams = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+            hparams = torch.load(source, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
             shape = {key: hparams[key] for key in ("preset", "overrides") if key in hparams}
         except Exception:  # not a checkpoint of this package: Lightning's loading says what is wrong
             return
-        if shape:
-            self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
+        if not shape:
+            return
+        before = {key: config.model.get(key) for key in shape}
+        self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
+        after = {key: self.config[subcommand].model.get(key) for key in shape}
+        if source != ckpt_path and after != before:
+            rank_zero_warn(
+                f"the model's shape comes from model.initial_checkpoint={source}: "
+                + ", ".join(
+                    f"model.{key}={after[key]} (this command's: {before[key]})"
+                    for key in shape
+                    if after[key] != before[key]
+                )
+            )
 
     def before_fit(self) -> None:
         # the data (read here when data.tokenizer_path defers it), the checkpoint's model shape and vocabulary:

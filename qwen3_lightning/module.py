@@ -89,7 +89,8 @@ class Qwen3LightningModule(L.LightningModule):
         compile: compile the model with ``torch.compile``.
         initial_checkpoint: a training checkpoint (.ckpt) whose weights the model starts from, to fine-tune it
             on other text: a new run, with a fresh optimizer, schedule and step count. Its model must have this
-            one's shape and vocabulary (the CLI takes the vocabulary from it, as ``data.tokenizer_path``). A
+            one's shape and vocabulary (the CLI takes both from it: ``model.preset`` and ``model.overrides``, and
+            ``data.tokenizer_path``). A
             resumed run (``ckpt_path``) takes its weights from that checkpoint; the CLI then does not read this
             file (so it may be gone), and records it as null.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:

@@ -271,14 +271,30 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
     initial.unlink()
     main([*args[:-1], "2", "--ckpt_path", "last"])
     assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
-    # refused before any work: a missing file, or a model of another shape
+    # a missing file is refused before any work
     with pytest.raises(SystemExit, match=r"model\.initial_checkpoint: checkpoint .*pretrained\.ckpt does not exist"):
         main(cli_args("fit", other, tmp_path / "a", "--model.initial_checkpoint", str(initial)))
+    assert not (tmp_path / "a").exists()
+    # the model's shape is the checkpoint's, whatever the command says, with a warning when it says otherwise
     wider = "{num_decoder_layer: 1, hidden_size: 64, intermediate_size: 64, max_position_embeddings: 64}"
-    with pytest.raises(SystemExit, match=r"holds another model: hidden_size=32 \(this run: 64\)"):
+    with pytest.warns(UserWarning, match=r"shape comes from model\.initial_checkpoint=.*this command's: \{.*64"):
         main([*cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(checkpoint)),
-              "--model.overrides", wider])  # fmt: skip
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+              "--model.overrides", wider, "--trainer.max_steps", "1"])  # fmt: skip
+    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert b["hyper_parameters"]["overrides"] == start["hyper_parameters"]["overrides"]
+
+
+def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint):
+    from qwen3_lightning.module import Qwen3LightningModule
+
+    vocab = load_checkpoint(checkpoint)[0].config.vocab_size
+    wider = {"num_decoder_layer": 1, "hidden_size": 64, "intermediate_size": 64}
+    module = Qwen3LightningModule(overrides=wider, vocab_size=vocab, initial_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match=r"holds another model: hidden_size=32 \(this run: 64\)"):
+        module.configure_model()
+    module = Qwen3LightningModule(overrides=wider, vocab_size=vocab + 1, initial_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match=rf"vocab_size={vocab} \(this run: {vocab + 1}\)"):
+        module.configure_model()
 
 
 def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):
