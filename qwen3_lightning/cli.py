@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
@@ -121,13 +121,21 @@ class Qwen3CLI(LightningCLI):
                 raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
-        # the vocabulary of the checkpoint whose weights the model takes: fit from model.initial_checkpoint (or,
-        # resuming such a run, from the run's checkpoint); validate, test and predict from --ckpt_path, whatever
-        # training data the config names. A plain fit builds its own, and a resume checks it against the
-        # checkpoint's. A --ckpt_path file that is no checkpoint is left to Lightning's loading to report.
-        source = (config.ckpt_path or initial) if (self.subcommand != "fit" or initial) else None
-        if config.data.tokenizer_path is None and source and Path(source).is_file() and has_vocabulary(source):
-            config.data.tokenizer_path = str(source)
+        # the vocabulary of the checkpoint whose weights the model takes. With a --ckpt_path file: validate,
+        # test and predict take its own, whatever training data the config names; so does a resumed fit whose
+        # run started from a saved vocabulary (a fine-tuning run, say: its config.yaml names a file that may be
+        # gone). Its weights need that vocabulary; with another, Lightning's loading would be refused. A plain
+        # fit builds its own, and a resume checks it against the checkpoint's. Without a --ckpt_path file: the
+        # vocabulary of model.initial_checkpoint. A file that is no checkpoint is left to Lightning to report.
+        given = config.data.tokenizer_path
+        ckpt = config.ckpt_path if config.ckpt_path and Path(config.ckpt_path).is_file() else None
+        vocabulary, recorded = saved_vocabulary(ckpt) if ckpt else (False, None)
+        if vocabulary and (self.subcommand != "fit" or recorded):
+            config.data.tokenizer_path = str(ckpt)
+            if given is not None and given != str(ckpt):
+                rank_zero_info(f"data.tokenizer_path: the vocabulary of {ckpt}, which its weights were trained on")
+        elif ckpt is None and initial is not None and given is None:
+            config.data.tokenizer_path = str(initial)
         unused = [
             f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
         ]
@@ -183,16 +191,16 @@ class Qwen3CLI(LightningCLI):
             checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
             return
-        if resume:
-            self.model.check_resumable(checkpoint)
-        else:
-            self.model.check_initial_checkpoint(checkpoint, path)
+        if not resume:
+            self.model.check_initial_checkpoint(checkpoint, path, self.datamodule)
+            return
+        self.model.check_resumable(checkpoint)
         state = checkpoint.get(type(self.datamodule).__qualname__)
         if isinstance(state, dict) and "tokenizer" in state:
             self.datamodule.check_vocabulary(state)
 
     def before_validate(self) -> None:
-        self.datamodule.datasets()  # read before the log folder is made, as in before_fit
+        _ = self.datamodule.val_dataset  # read before the log folder is made, as in before_fit
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # this CLI's own callbacks step aside for a run without checkpoints or without a logger, which Lightning
@@ -211,15 +219,17 @@ class Qwen3CLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def has_vocabulary(path: str) -> bool:
-    """Whether ``path`` is a training checkpoint of this package, with the vocabulary inside."""
-    from qwen3_lightning.interop import checkpoint_tokenizer
+def saved_vocabulary(path: str) -> tuple[bool, str | None]:
+    """Whether ``path`` is a training checkpoint of this package, with the vocabulary inside, and the
+    ``data.tokenizer_path`` its run was given (None: it built its vocabulary from its training split)."""
+    from qwen3_lightning.interop import read_checkpoint, tokenizer_state
 
     try:
-        checkpoint_tokenizer(path)
-    except ValueError:
-        return False
-    return True
+        checkpoint = read_checkpoint(path, mmap=True)
+    except (FileNotFoundError, ValueError):
+        return False, None
+    recorded = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer_path")
+    return tokenizer_state(checkpoint) is not None, recorded
 
 
 def resolve_ckpt_path(

@@ -91,12 +91,8 @@ def read_text(file: Path) -> str:
                     f"as a file cut out of a larger one does: drop its first {len(raw) - start - len(rest)} byte(s), "
                     "or cut it at a line start (e.g. with split -l or head -n)."
                 ) from None
-        # cut at the end: the text before decodes, with characters beyond ASCII (so it is UTF-8, not GBK's)
-        if (
-            source is None
-            and err.reason == "unexpected end of data"
-            and max(raw[max(0, start - 100_000) : start], default=0) > 127
-        ):
+        # cut at the end: all before it decodes, and the last bytes begin a UTF-8 character that never ends
+        if source is None and err.reason == "unexpected end of data":
             raise ValueError(
                 f"{file} ends in the middle of a UTF-8 character (its last {len(raw) - start} byte(s)), as a file cut "
                 "out of a larger one by size does: drop them, or cut it at a line end (e.g. with head -n)."
@@ -394,9 +390,10 @@ class TextDataModule(L.LightningDataModule):
             one ``text`` field per line, a folder of them or a list.
         tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, or a checkpoint) instead
             of building one from the training split; characters it lacks become ``<unk>``. ``validate``, ``test``
-            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's when this is not given. With it, the
+            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's, as does a resumed run that was
+            started with one. With it, the
             training text is read only when a stage needs it (fit, and validate for a ``val_split``), so
-            ``test`` and ``predict`` need no training data.
+            ``test`` and ``predict`` need no training data, nor ``validate`` with a ``val_path``.
     """
 
     def __init__(
@@ -453,7 +450,10 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("texts holds no non-empty document.")
         self._texts = texts
         self._docs: tuple[list[str], list[str]] | None = None
-        self._datasets: tuple[TextDataset, TextDataset | None] | None = None
+        self._val_path_docs: list[str] | None = None
+        self._train_set: TextDataset | None = None
+        self._val_set: TextDataset | None = None
+        self._val_ready = False
         if tokenizer_path is not None:
             # the training text is read when a stage needs it (fit, validate): test and predict need none
             self.tokenizer = load_tokenizer(tokenizer_path)
@@ -480,7 +480,7 @@ class TextDataModule(L.LightningDataModule):
                 log.info("no data.train_path given: training on the bundled sample corpus %s", SAMPLE_CORPUS)
             train_docs = load_corpus(hp.train_path or SAMPLE_CORPUS, separator)
         if hp.val_path is not None:
-            val_docs = load_corpus(hp.val_path, separator)
+            val_docs = self._validation_documents()
         elif hp.val_split > 0:
             order = list(range(len(train_docs)))
             random.Random(hp.seed).shuffle(order)
@@ -510,34 +510,47 @@ class TextDataModule(L.LightningDataModule):
         """Size of the vocabulary built from the training data (what the model's embedding needs)."""
         return self.tokenizer.vocab_size
 
+    def _validation_documents(self) -> list[str]:
+        """The validation documents: those of ``val_path`` (the training text is then not read), or the ones
+        ``val_split`` holds out."""
+        if self.hparams.val_path is None:
+            return self._documents()[1]
+        if self._val_path_docs is None:
+            self._val_path_docs = load_corpus(self.hparams.val_path, self.separator)
+        return self._val_path_docs
+
+    def _dataset(self, docs: list[str]) -> TextDataset:
+        if self.cache_dir is not None:
+            corpus = EncodedCorpus.cached(docs, self.tokenizer, self.cache_dir)
+        else:
+            corpus = EncodedCorpus.encode(docs, self.tokenizer)
+        return TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+
     def datasets(self) -> tuple[TextDataset, TextDataset | None]:
-        """The training and validation examples (None: no validation data), read and encoded on the first call."""
-        if self._datasets is None:
-
-            def dataset(docs: list[str]) -> TextDataset:
-                if self.cache_dir is not None:
-                    corpus = EncodedCorpus.cached(docs, self.tokenizer, self.cache_dir)
-                else:
-                    corpus = EncodedCorpus.encode(docs, self.tokenizer)
-                return TextDataset(corpus, max_length=self.max_length, packing=self.packing)
-
-            train_docs, val_docs = self._documents()
-            self._datasets = dataset(train_docs), dataset(val_docs) if val_docs else None
-        return self._datasets
+        """The training and validation examples (None: no validation data), read and encoded on first use."""
+        return self.train_dataset, self.val_dataset
 
     @property
     def train_dataset(self) -> TextDataset:
         """The training split's examples, encoded on first use."""
-        return self.datasets()[0]
+        if self._train_set is None:
+            self._train_set = self._dataset(self._documents()[0])
+        return self._train_set
 
     @property
     def val_dataset(self) -> TextDataset | None:
         """The validation examples (None without validation data), encoded on first use."""
-        return self.datasets()[1]
+        if not self._val_ready:
+            docs = self._validation_documents()
+            self._val_set, self._val_ready = (self._dataset(docs) if docs else None), True
+        return self._val_set
 
     def setup(self, stage: str) -> None:
-        if stage in (TrainerFn.FITTING, TrainerFn.VALIDATING):
-            self.datasets()  # read now, so that a bad train_path or val_path stops the run before its first step
+        # read now, so that a bad train_path or val_path stops the run before its first step
+        if stage == TrainerFn.FITTING:
+            self.datasets()
+        elif stage == TrainerFn.VALIDATING:
+            _ = self.val_dataset
         if stage == TrainerFn.FITTING:
             self._warn_of_unknown_characters()
             self._check_monitors()

@@ -189,7 +189,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"{path} is not a readable PyTorch checkpoint: {why}. Pass a .ckpt file of a training run ({example})."
         ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hparams or "preset" not in hparams or ckpt.get("state_dict") is None or _vocab(ckpt) is None:
+    if not hparams or "preset" not in hparams or ckpt.get("state_dict") is None or tokenizer_state(ckpt) is None:
         raise ValueError(
             f"{path} is not a checkpoint of a qwen3_lightning training run (it lacks the model's "
             "hyperparameters, weights or vocabulary)."
@@ -197,7 +197,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return ckpt
 
 
-def _vocab(ckpt: dict) -> dict | None:
+def tokenizer_state(ckpt: dict) -> dict | None:
     """The tokenizer state that the DataModule keeps in a checkpoint (under its class name)."""
     return next((v["tokenizer"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v), None)
 
@@ -206,7 +206,7 @@ def checkpoint_tokenizer(path: str | Path) -> CharTokenizer:
     """The vocabulary of a training checkpoint, read without loading its weights into memory."""
     from qwen3_lightning.tokenizer import CharTokenizer
 
-    return CharTokenizer.from_dict(_vocab(read_checkpoint(path, mmap=True)), source=str(path))
+    return CharTokenizer.from_dict(tokenizer_state(read_checkpoint(path, mmap=True)), source=str(path))
 
 
 def load_checkpoint(
@@ -224,4 +224,4 @@ def load_checkpoint(
     model = Qwen3Transformer(config)
     prefix = "model."
     model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return model, CharTokenizer.from_dict(_vocab(ckpt), source=str(path))
+    return model, CharTokenizer.from_dict(tokenizer_state(ckpt), source=str(path))

@@ -92,7 +92,8 @@ class Qwen3LightningModule(L.LightningModule):
             one's shape and vocabulary (the CLI takes both from it: ``model.preset`` and ``model.overrides``, and
             ``data.tokenizer_path``). A
             resumed run (``ckpt_path``) takes its weights from that checkpoint; the CLI then does not read this
-            file (so it may be gone), and records it as null.
+            file (so it may be gone). Checkpoints record it as ``initialized_from``, and as null among the
+            hyperparameters, so that loading them never reads it again.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
             max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
             temperature: 0.8, top_k: 50}``).
@@ -137,6 +138,7 @@ class Qwen3LightningModule(L.LightningModule):
         self._schedule: tuple[int, int, float] | None = None
         self._resumed_from: dict[str, Any] | None = None
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._initialized_from: str | None = None  # a resumed checkpoint's initial_checkpoint, kept on saving
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -162,27 +164,39 @@ class Qwen3LightningModule(L.LightningModule):
     def _load_initial_weights(self, path: str) -> None:
         from qwen3_lightning.interop import read_checkpoint
 
-        checkpoint = read_checkpoint(path, map_location=self.model.model.embed_tokens.weight.device)
-        self.check_initial_checkpoint(checkpoint, path)
+        # memory-mapped: only the model's weights are read, not the optimizer state beside them
+        checkpoint = read_checkpoint(path, mmap=True)
+        self.check_initial_checkpoint(checkpoint, path, self.trainer.datamodule if self._trainer else None)
         prefix = "model."
         self.model.load_state_dict(
             {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         )
         rank_zero_info(f"model weights from {path} (model.initial_checkpoint)")
 
-    def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
-        """Refuses an ``initial_checkpoint`` whose weights do not fit this model, or, with this package's
-        DataModule, whose vocabulary is not the run's."""
+    def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str, datamodule: Any = None) -> None:
+        """Refuses an ``initial_checkpoint`` whose vocabulary is not the one the data is encoded with (this
+        package's DataModule), or whose weights do not fit this model, naming what differs."""
+        from qwen3_lightning.tokenizer import CharTokenizer
+
+        state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
+        saved = checkpoint.get("hyper_parameters", {}).get("vocab_size")
+        ours = getattr(datamodule, "tokenizer", None)
+        differs = saved is not None and saved != self.config.vocab_size
+        if isinstance(state, dict) and "tokenizer" in state and isinstance(ours, CharTokenizer):
+            differs = differs or CharTokenizer.from_dict(state["tokenizer"], source=path) != ours
+        if differs:
+            raise ValueError(
+                f"model.initial_checkpoint={path} was trained on another vocabulary ({saved} tokens) than the one "
+                f"this run encodes its text with ({self.config.vocab_size} tokens): its weights would read other "
+                "characters. Encode with the checkpoint's: leave data.tokenizer_path unset (the command line then "
+                "takes it from the checkpoint), or set it to the checkpoint."
+            )
         differ = self._shape_differences(checkpoint)
         if differ:
             raise ValueError(
                 f"model.initial_checkpoint={path} holds another model: {', '.join(differ)}. Start from it with the "
                 "model settings of the run that wrote it (model.preset and model.overrides in its config.yaml)."
             )
-        datamodule = self.trainer.datamodule if self._trainer else None
-        state = checkpoint.get(type(datamodule).__qualname__)
-        if hasattr(datamodule, "check_vocabulary") and isinstance(state, dict) and "tokenizer" in state:
-            datamodule.check_vocabulary(state)
 
     @property
     def flops_per_batch(self) -> float | None:
@@ -418,6 +432,14 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        # the weights are in this checkpoint now: loading it (load_from_checkpoint, a resume) must not read the
+        # initial one again, which may be gone. Where they came from is kept beside.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams and hparams.get("initial_checkpoint"):
+            checkpoint["initialized_from"] = hparams["initial_checkpoint"]
+            checkpoint["hyper_parameters"] = {**hparams, "initial_checkpoint": None}
+        elif self._initialized_from:
+            checkpoint["initialized_from"] = self._initialized_from
         if not self._is_sharded():
             for state in checkpoint.get("optimizer_states", []):
                 self._number_optimizer_state_as_parameters(state)
@@ -446,6 +468,7 @@ class Qwen3LightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._initialized_from = checkpoint.get("initialized_from")
         self._resumed_from = checkpoint.get("hyper_parameters") or {}
         self.check_resumable(checkpoint)
 
@@ -471,15 +494,13 @@ class Qwen3LightningModule(L.LightningModule):
             )
 
     def _shape_differences(self, checkpoint: dict[str, Any]) -> list[str]:
-        """The fields that shape the weights (vocabulary included) where a checkpoint's model differs from this
-        one, as ``name=saved (this run: ours)``; others (``max_position_embeddings``, say) may change."""
+        """The fields that shape the weights, the vocabulary's size aside (checked first, with its own message),
+        where a checkpoint's model differs from this one, as ``name=saved (this run: ours)``; others
+        (``max_position_embeddings``, say) may change."""
         hparams = checkpoint.get("hyper_parameters") or {}
         if "preset" not in hparams:
             return []
-        overrides = {
-            **(hparams.get("overrides") or {}),
-            "vocab_size": hparams.get("vocab_size", self.config.vocab_size),
-        }
+        overrides = {**(hparams.get("overrides") or {}), "vocab_size": self.config.vocab_size}
         saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
         return [
             f"{name}={getattr(saved_config, name)!r} (this run: {getattr(self.config, name)!r})"

@@ -221,7 +221,9 @@ def test_test_and_predict_need_no_training_data(checkpoint, tmp_path, capsys):
     writer = ("--predict_writer.output_path", str(out), "--model.generate_kwargs", "{max_new_tokens: 3}")
     main(cli_args("predict", moved, tmp_path, *common, "--data.predict_path", str(prompts), *writer))
     assert [json.loads(line)["prompt"] for line in out.read_text(encoding="utf-8").splitlines()] == ["春眠"]
-    # validate holds out its split from the training documents, and fit trains on them: both still need them
+    main(cli_args("validate", moved, tmp_path, *common, "--data.val_path", str(corpus)))  # its own validation text
+    assert "val_loss" in capsys.readouterr().out
+    # validate without a val_path holds out its split from the training documents, and fit trains on them
     with pytest.raises(SystemExit, match=r"data path .*cluster.train\.txt does not exist"):
         main(cli_args("validate", moved, tmp_path, *common))
     root = tmp_path / "new_run"
@@ -267,10 +269,24 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
     assert tuned["state_dict"].keys() == start["state_dict"].keys()
     for name, weight in start["state_dict"].items():
         assert torch.allclose(tuned["state_dict"][name], weight, atol=1e-6), name
-    # resuming the fine-tuning run takes the weights from its own checkpoint: the initial file is not needed
+    assert tuned["initialized_from"] == str(initial) and tuned["hyper_parameters"]["initial_checkpoint"] is None
+    # the fine-tuning run goes on from its own checkpoints: the initial file is not needed
     initial.unlink()
-    main([*args[:-1], "2", "--ckpt_path", "last"])
-    assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    main([*args[:-1], "2", "--ckpt_path", "last"])  # the same command, resumed
+    config = str(root / "logs/version_0/config.yaml")  # its config.yaml records the initial file twice
+    main(["fit", "--config", config, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    main(cli_args("fit", other, root, "--trainer.max_steps", "4", "--ckpt_path", "last"))  # without naming it
+    last = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["initialized_from"] == str(initial)
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("床前\n", encoding="utf-8")
+    writer = ("--predict_writer.output_path", str(out), "--model.generate_kwargs", "{max_new_tokens: 2}")
+    main(["predict", "--config", config, "--ckpt_path", str(root / "checkpoints/last.ckpt"),
+          "--data.predict_path", str(prompts), *writer])  # fmt: skip
+    assert out.read_text(encoding="utf-8").count("\n") == 1
+    from qwen3_lightning.module import Qwen3LightningModule
+
+    assert Qwen3LightningModule.load_from_checkpoint(root / "checkpoints/last.ckpt").hparams.initial_checkpoint is None
     # a missing file is refused before any work
     with pytest.raises(SystemExit, match=r"model\.initial_checkpoint: checkpoint .*pretrained\.ckpt does not exist"):
         main(cli_args("fit", other, tmp_path / "a", "--model.initial_checkpoint", str(initial)))
@@ -282,6 +298,13 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
               "--model.overrides", wider, "--trainer.max_steps", "1"])  # fmt: skip
     b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
     assert b["hyper_parameters"]["overrides"] == start["hyper_parameters"]["overrides"]
+    # a vocabulary of the command's own is refused, naming data.tokenizer_path
+    own = tmp_path / "own_tokenizer.json"
+    TextDataModule(train_path=str(other)).tokenizer.save(own)
+    with pytest.raises(SystemExit, match=r"trained on another vocabulary .* leave data\.tokenizer_path unset"):
+        main(cli_args("fit", other, tmp_path / "c", "--model.initial_checkpoint", str(checkpoint),
+                      "--data.tokenizer_path", str(own)))  # fmt: skip
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint):
@@ -293,7 +316,7 @@ def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint):
     with pytest.raises(ValueError, match=r"holds another model: hidden_size=32 \(this run: 64\)"):
         module.configure_model()
     module = Qwen3LightningModule(overrides=wider, vocab_size=vocab + 1, initial_checkpoint=str(checkpoint))
-    with pytest.raises(ValueError, match=rf"vocab_size={vocab} \(this run: {vocab + 1}\)"):
+    with pytest.raises(ValueError, match=rf"another vocabulary \({vocab} tokens\) .* \({vocab + 1} tokens\)"):
         module.configure_model()
 
 

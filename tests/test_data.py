@@ -273,6 +273,9 @@ def test_utf8_cut_in_the_middle_of_a_character_says_so(tmp_path):
     path.write_bytes("春眠不觉晓\n处处闻啼鸟".encode()[:-1])  # what head -c leaves: 鸟 without its last byte
     with pytest.raises(ValueError, match=r"ends in the middle of a UTF-8 character \(its last 2 byte\(s\)\)"):
         read_documents(path)
+    path.write_bytes("plain English text, then an em dash —".encode()[:-1])  # its only character beyond ASCII
+    with pytest.raises(ValueError, match=r"ends in the middle of a UTF-8 character \(its last 2 byte\(s\)\)"):
+        read_documents(path)
 
 
 def test_non_utf8_offset_counts_the_bom(tmp_path):
