@@ -134,8 +134,8 @@ class Qwen3CLI(LightningCLI):
             config.data.tokenizer_path = str(ckpt)
             if given is not None and given != str(ckpt):
                 rank_zero_info(f"data.tokenizer_path: the vocabulary of {ckpt}, which its weights were trained on")
-        elif ckpt is None and initial is not None and given is None:
-            config.data.tokenizer_path = str(initial)
+        elif config.model.initial_checkpoint is not None and given is None:  # (left only when not resuming)
+            config.data.tokenizer_path = str(config.model.initial_checkpoint)
         unused = [
             f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
         ]
