@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one short run, for a machine with one CUDA GPU and no internet: the default GPU training path
-# (bf16-mixed, fused AdamW, clipping), the GPU rows of the benchmark, and FSDP with a resume and a generate.
+# (bf16-mixed, fused AdamW, clipping), the GPU rows of the benchmark, and FSDP with a resume, a generate and a
+# fine-tuning run.
 # Each step has a time limit and the whole run a deadline, so a hang costs one step, not the run; the most
 # important steps come first. Logs and results go to $OUT (default: gpu_check_out/), at most 8 files.
 #
@@ -78,6 +79,10 @@ if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     cp "$(ls -d "$WORK"/fsdp/logs/version_* | tail -1)/metrics.csv" "$OUT/fsdp_resumed_metrics.csv" 2>/dev/null
     step generate 60 python3 -m qwen3_lightning generate --ckpt_path "$WORK/fsdp/checkpoints/last.ckpt" \
         --max_new_tokens 64 --num_samples 2 --seed 0
+    # fine-tuning under FSDP: the initial weights are loaded into the model built on the GPU, before sharding
+    step fsdp_finetune 120 python3 -m qwen3_lightning fit --config "$fsdp_preset" --config configs/fsdp.yaml \
+        --model.initial_checkpoint "$WORK/fsdp/checkpoints/last.ckpt" --trainer.default_root_dir "$WORK/tuned" \
+        --trainer.max_steps 5
 else
     echo "fsdp: skipped, no CUDA device" | tee -a "$SUMMARY"
 fi
