@@ -90,10 +90,9 @@ class Qwen3LightningModule(L.LightningModule):
         initial_checkpoint: a training checkpoint (.ckpt) whose weights the model starts from, to fine-tune it
             on other text: a new run, with a fresh optimizer, schedule and step count. Its model must have this
             one's shape and vocabulary (the CLI takes both from it: ``model.preset`` and ``model.overrides``, and
-            ``data.tokenizer_path``). A
-            resumed run (``ckpt_path``) takes its weights from that checkpoint; the CLI then does not read this
-            file (so it may be gone). Checkpoints record it as ``initialized_from``, and as null among the
-            hyperparameters, so that loading them never reads it again.
+            ``data.tokenizer_path``). A resumed run (``ckpt_path``) takes its weights from that checkpoint; the
+            CLI then does not read this file (so it may be gone). Checkpoints record it as ``initialized_from``,
+            and as null among the hyperparameters, so that loading them never reads it again.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
             max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
             temperature: 0.8, top_k: 50}``).
@@ -181,15 +180,15 @@ class Qwen3LightningModule(L.LightningModule):
         state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
         saved = checkpoint.get("hyper_parameters", {}).get("vocab_size")
         ours = getattr(datamodule, "tokenizer", None)
-        differs = saved is not None and saved != self.config.vocab_size
-        if isinstance(state, dict) and "tokenizer" in state and isinstance(ours, CharTokenizer):
-            differs = differs or CharTokenizer.from_dict(state["tokenizer"], source=path) != ours
-        if differs:
+        how = "another size" if saved is not None and saved != self.config.vocab_size else None
+        if how is None and isinstance(state, dict) and "tokenizer" in state and isinstance(ours, CharTokenizer):
+            how = "the same size, in another order" if CharTokenizer.from_dict(state["tokenizer"]) != ours else None
+        if how:
             raise ValueError(
                 f"model.initial_checkpoint={path} was trained on another vocabulary ({saved} tokens) than the one "
-                f"this run encodes its text with ({self.config.vocab_size} tokens): its weights would read other "
-                "characters. Encode with the checkpoint's: leave data.tokenizer_path unset (the command line then "
-                "takes it from the checkpoint), or set it to the checkpoint."
+                f"this run encodes its text with ({self.config.vocab_size} tokens, {how}): its weights would read "
+                "other characters. Encode with the checkpoint's: leave data.tokenizer_path unset (the command line "
+                "then takes it from the checkpoint), or set it to the checkpoint."
             )
         differ = self._shape_differences(checkpoint)
         if differ:

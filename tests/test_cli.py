@@ -19,6 +19,7 @@ POEMS = "\n\n".join(
 
 
 OVERRIDES = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
+OVERRIDES_DICT = {"num_decoder_layer": 1, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64}
 
 
 def cli_args(command: str, corpus: Path, root: Path, *extra: str) -> list[str]:
@@ -307,7 +308,7 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
     assert not (tmp_path / "c").exists()
 
 
-def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint):
+def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint, tmp_path):
     from qwen3_lightning.module import Qwen3LightningModule
 
     vocab = load_checkpoint(checkpoint)[0].config.vocab_size
@@ -316,8 +317,21 @@ def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint):
     with pytest.raises(ValueError, match=r"holds another model: hidden_size=32 \(this run: 64\)"):
         module.configure_model()
     module = Qwen3LightningModule(overrides=wider, vocab_size=vocab + 1, initial_checkpoint=str(checkpoint))
-    with pytest.raises(ValueError, match=rf"another vocabulary \({vocab} tokens\) .* \({vocab + 1} tokens\)"):
+    with pytest.raises(
+        ValueError, match=rf"another vocabulary \({vocab} tokens\) .* \({vocab + 1} tokens, another size\)"
+    ):
         module.configure_model()
+    # the same size in another order: the data would be encoded with other ids than the weights learned
+    from qwen3_lightning.data import TextDataModule
+    from qwen3_lightning.tokenizer import CharTokenizer
+
+    state = load_checkpoint(checkpoint)[1].to_dict()
+    state["vocab"] = state["vocab"][:4] + state["vocab"][4:][::-1]
+    CharTokenizer.from_dict(state).save(tmp_path / "shuffled.json")
+    data = TextDataModule(texts=["床前"], val_split=0, tokenizer_path=str(tmp_path / "shuffled.json"))
+    module = Qwen3LightningModule(overrides=OVERRIDES_DICT, vocab_size=vocab, initial_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match=rf"\({vocab} tokens, the same size, in another order\)"):
+        module.check_initial_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint), data)
 
 
 def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):
