@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import signal
 import sys
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
+from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule
 
@@ -113,10 +115,10 @@ class Qwen3CLI(LightningCLI):
         if initial is not None and config.ckpt_path is not None:
             config.model.initial_checkpoint = None  # the weights come from ckpt_path: the file is not even read
         elif initial is not None:
-            from qwen3_lightning.interop import read_checkpoint
+            from qwen3_lightning.interop import read_initial_checkpoint
 
             try:  # a missing file or one that is no checkpoint: said now, before any work
-                read_checkpoint(initial, mmap=True)
+                read_initial_checkpoint(initial)
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
@@ -153,46 +155,45 @@ class Qwen3CLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
+        from qwen3_lightning.interop import read_initial_checkpoint
+
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
         source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else config.model.get("initial_checkpoint")
-        if not source or not Path(source).is_file():
+        if not source or not Path(source).exists():
             return
         try:
-            hparams = torch.load(source, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]
+            hparams = read_initial_checkpoint(source)["hyper_parameters"]
             shape = {key: hparams[key] for key in ("preset", "overrides") if key in hparams}
-        except Exception:  # not a checkpoint of this package: Lightning's loading says what is wrong
+        except Exception:  # not a checkpoint of this package: Lightning's loading, or the check later, says why
             return
         if not shape:
             return
-        before = {key: config.model.get(key) for key in shape}
+        before = model_shape(config.model)
         self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
-        after = {key: self.config[subcommand].model.get(key) for key in shape}
-        if source != ckpt_path and after != before:
-            rank_zero_warn(
-                f"the model's shape comes from model.initial_checkpoint={source}: "
-                + ", ".join(
-                    f"model.{key}={after[key]} (this command's: {before[key]})"
-                    for key in shape
-                    if after[key] != before[key]
-                )
-            )
+        after = model_shape(self.config[subcommand].model)
+        if source != ckpt_path and before is not None and after != before:
+            names = [f.name for f in dataclasses.fields(after) if getattr(after, f.name) != getattr(before, f.name)]
+            differ = [f"{n}={getattr(after, n)} (this command's: {getattr(before, n)})" for n in names]
+            rank_zero_warn(f"the model's shape comes from model.initial_checkpoint={source}: {', '.join(differ)}")
 
     def before_fit(self) -> None:
         # the data (read here when data.tokenizer_path defers it), the checkpoint's model shape and vocabulary:
         # checked before anything is written (a log folder, its config.yaml and tokenizer.json); Lightning's FSDP
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
+        from qwen3_lightning.interop import read_initial_checkpoint
+
         resume = self.config.fit.ckpt_path
-        path = resume or self.config.fit.model.initial_checkpoint  # the weights of a resume replace the initial
-        if path is None or not Path(path).is_file():
+        initial = self.config.fit.model.initial_checkpoint
+        if resume is None and initial is not None:  # read and checked in before_instantiate_classes already
+            self.model.check_initial_checkpoint(read_initial_checkpoint(initial), initial, self.datamodule)
+            return
+        if resume is None or not Path(resume).is_file():
             return
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(resume, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
-            return
-        if not resume:
-            self.model.check_initial_checkpoint(checkpoint, path, self.datamodule)
             return
         self.model.check_resumable(checkpoint)
         state = checkpoint.get(type(self.datamodule).__qualname__)
@@ -217,6 +218,15 @@ class Qwen3CLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
         return super().instantiate_trainer(**kwargs)
+
+
+def model_shape(model: Any) -> Qwen3Config | None:
+    """The shape that ``model.preset`` and ``model.overrides`` give (the vocabulary's size aside); None when
+    they give none, which the module's construction then reports."""
+    try:
+        return Qwen3Config.from_preset(model.get("preset"), **{**(model.get("overrides") or {}), "vocab_size": 1})
+    except (ValueError, TypeError):
+        return None
 
 
 def saved_vocabulary(path: str) -> tuple[bool, str | None]:

@@ -344,13 +344,15 @@ class EpochSampler(DistributedSampler):
 
 
 def load_tokenizer(path: str | Path) -> CharTokenizer:
-    """A saved vocabulary: a ``tokenizer.json`` written by ``CharTokenizer.save``, or the one inside a training
-    checkpoint (``.ckpt``)."""
+    """A saved vocabulary: a ``tokenizer.json`` written by ``CharTokenizer.save``, the one inside a training
+    checkpoint (``.ckpt``), or that of a directory written by ``export``."""
+    from qwen3_lightning.interop import checkpoint_tokenizer, exported_tokenizer, is_export
+
     path = Path(path)
     if path.is_file() and zipfile.is_zipfile(path):  # what torch.save writes, whatever the file is called
-        from qwen3_lightning.interop import checkpoint_tokenizer
-
         return checkpoint_tokenizer(path)
+    if is_export(path):
+        return exported_tokenizer(path)
     if path.is_dir():
         found = sorted(str(p.relative_to(path)) for p in path.rglob("tokenizer.json"))[:3]
         raise ValueError(
@@ -388,7 +390,8 @@ class TextDataModule(L.LightningDataModule):
         test_path: data for the ``test`` subcommand, in the same forms as ``train_path``.
         predict_path: prompts for the ``predict`` subcommand: a .txt file with one per line, a .jsonl file with
             one ``text`` field per line, a folder of them or a list.
-        tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, or a checkpoint) instead
+        tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, a checkpoint, or a
+            directory written by ``export``) instead
             of building one from the training split; characters it lacks become ``<unk>``. ``validate``, ``test``
             and ``predict`` with a ``--ckpt_path`` file take the checkpoint's, as does a resumed run that was
             started with one. With it, the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -195,6 +196,48 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             "hyperparameters, weights or vocabulary)."
         )
     return ckpt
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a transformers model directory (a config.json), such as ``export`` writes."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def exported_tokenizer(path: str | Path) -> CharTokenizer:
+    """The character vocabulary of a directory written by ``export``, read from its tokenizer.json."""
+    from qwen3_lightning.tokenizer import SPECIAL_TOKENS, CharTokenizer
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json; a directory written by export has one.")
+    model = json.loads(file.read_text(encoding="utf-8")).get("model") or {}
+    vocab = model.get("vocab")
+    tokens = sorted(vocab, key=vocab.get) if model.get("type") == "WordLevel" and isinstance(vocab, dict) else []
+    if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS) or [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError(
+            f"{file} is not a character vocabulary written by export (a {model.get('type')} tokenizer): this "
+            "project trains on character vocabularies, so it starts only from its own checkpoints and exports."
+        )
+    return CharTokenizer.from_dict({"vocab": tokens}, source=str(file))
+
+
+def read_initial_checkpoint(path: str | Path) -> dict:
+    """What fine-tuning reads of ``model.initial_checkpoint``: a training checkpoint (memory-mapped), or a
+    directory written by ``export`` in the same shape (its model's fields as ``overrides``, its weights under
+    ``model.``, its vocabulary as the DataModule's state)."""
+    from qwen3_lightning.model import Qwen3Transformer
+
+    if not is_export(path):
+        return read_checkpoint(path, mmap=True)
+    tokenizer = exported_tokenizer(path)
+    model = load_pretrained(Qwen3Transformer, Path(path))
+    config = model.config
+    shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name != "vocab_size"}
+    return {
+        "hyper_parameters": {"preset": "tiny", "overrides": shape, "vocab_size": config.vocab_size},
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "TextDataModule": {"tokenizer": tokenizer.to_dict()},
+    }
 
 
 def tokenizer_state(ckpt: dict) -> dict | None:

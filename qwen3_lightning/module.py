@@ -87,12 +87,13 @@ class Qwen3LightningModule(L.LightningModule):
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: compile the model with ``torch.compile``.
-        initial_checkpoint: a training checkpoint (.ckpt) whose weights the model starts from, to fine-tune it
-            on other text: a new run, with a fresh optimizer, schedule and step count. Its model must have this
-            one's shape and vocabulary (the CLI takes both from it: ``model.preset`` and ``model.overrides``, and
-            ``data.tokenizer_path``). A resumed run (``ckpt_path``) takes its weights from that checkpoint; the
-            CLI then does not read this file (so it may be gone). Checkpoints record it as ``initialized_from``,
-            and as null among the hyperparameters, so that loading them never reads it again.
+        initial_checkpoint: a training checkpoint (.ckpt), or a directory written by ``export``, whose weights
+            the model starts from, to fine-tune it on other text: a new run, with a fresh optimizer, schedule
+            and step count. Its model must have this one's shape and vocabulary (the CLI takes both from it:
+            ``model.preset`` and ``model.overrides``, and ``data.tokenizer_path``). A resumed run (``ckpt_path``)
+            takes its weights from that checkpoint; the CLI then does not read this file (so it may be gone).
+            Checkpoints record it as ``initialized_from``, and as null among the hyperparameters, so that
+            loading them never reads it again.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
             max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
             temperature: 0.8, top_k: 50}``).
@@ -161,10 +162,10 @@ class Qwen3LightningModule(L.LightningModule):
                 layer.compile()
 
     def _load_initial_weights(self, path: str) -> None:
-        from qwen3_lightning.interop import read_checkpoint
+        from qwen3_lightning.interop import read_initial_checkpoint
 
-        # memory-mapped: only the model's weights are read, not the optimizer state beside them
-        checkpoint = read_checkpoint(path, mmap=True)
+        # a checkpoint is memory-mapped: only the model's weights are read, not the optimizer state beside them
+        checkpoint = read_initial_checkpoint(path)
         self.check_initial_checkpoint(checkpoint, path, self.trainer.datamodule if self._trainer else None)
         prefix = "model."
         self.model.load_state_dict(

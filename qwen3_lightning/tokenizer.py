@@ -130,7 +130,8 @@ class CharTokenizer:
         if isinstance(state, dict) and "model" in state and "vocab" not in state:
             raise ValueError(
                 f"{path} is a transformers (tokenizers) file, such as export writes, not a CharTokenizer "
-                "vocabulary: use the training run's logs/version_N/tokenizer.json, or its checkpoint."
+                "vocabulary: use the training run's logs/version_N/tokenizer.json, its checkpoint, or the folder "
+                "that holds this file."
             )
         return cls.from_dict(state, source=str(path))
 

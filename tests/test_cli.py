@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -294,7 +295,9 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
     assert not (tmp_path / "a").exists()
     # the model's shape is the checkpoint's, whatever the command says, with a warning when it says otherwise
     wider = "{num_decoder_layer: 1, hidden_size: 64, intermediate_size: 64, max_position_embeddings: 64}"
-    with pytest.warns(UserWarning, match=r"shape comes from model\.initial_checkpoint=.*this command's: \{.*64"):
+    with pytest.warns(
+        UserWarning, match=r"shape comes from model\.initial_checkpoint=.*hidden_size=32 \(this command's: 64\)"
+    ):
         main([*cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(checkpoint)),
               "--model.overrides", wider, "--trainer.max_steps", "1"])  # fmt: skip
     b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
@@ -306,6 +309,33 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
         main(cli_args("fit", other, tmp_path / "c", "--model.initial_checkpoint", str(checkpoint),
                       "--data.tokenizer_path", str(own)))  # fmt: skip
     assert not (tmp_path / "c").exists()
+
+
+def test_fit_from_an_exported_directory_fine_tunes_its_weights(checkpoint, tmp_path):
+    # weights that went out to the transformers format come back for more training, with their vocabulary
+    exported = tmp_path / "hf"
+    main(["export", "--ckpt_path", str(checkpoint), "--out_dir", str(exported)])
+    other = tmp_path / "other.txt"
+    other.write_text(
+        "\n\n".join(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽。", "黄河入海流。"] * 3)
+    )
+    root = tmp_path / "tuned"
+    args = cli_args("fit", other, root, "--model.initial_checkpoint", str(exported), "--trainer.max_steps", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*args, "--model.learning_rate", "1e-9", "--model.min_lr", "0"])
+    assert not [w for w in caught if "shape comes from" in str(w.message)]  # the command's shape is the export's
+    tuned = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    start = torch.load(checkpoint, weights_only=True)
+    assert tuned["TextDataModule"]["tokenizer"]["vocab"] == start["TextDataModule"]["tokenizer"]["vocab"]
+    for name, weight in start["state_dict"].items():
+        assert torch.allclose(tuned["state_dict"][name], weight, atol=1e-6), name
+    # a transformers directory of another tokenizer (BPE, as published Qwen3 models have) is refused
+    spec = json.loads((exported / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["type"] = "BPE"
+    (exported / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"tokenizer\.json is not a character vocabulary written by export"):
+        main(cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(exported)))
 
 
 def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint, tmp_path):
