@@ -118,7 +118,7 @@ class Qwen3CLI(LightningCLI):
             from qwen3_lightning.interop import read_initial_checkpoint
 
             try:  # a missing file or one that is no checkpoint: said now, before any work
-                read_initial_checkpoint(initial)
+                read_initial_checkpoint(initial, weights=False)
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
@@ -163,7 +163,7 @@ class Qwen3CLI(LightningCLI):
         if not source or not Path(source).exists():
             return
         try:
-            hparams = read_initial_checkpoint(source)["hyper_parameters"]
+            hparams = read_initial_checkpoint(source, weights=False)["hyper_parameters"]
             shape = {key: hparams[key] for key in ("preset", "overrides") if key in hparams}
         except Exception:  # not a checkpoint of this package: Lightning's loading, or the check later, says why
             return
@@ -187,7 +187,9 @@ class Qwen3CLI(LightningCLI):
         resume = self.config.fit.ckpt_path
         initial = self.config.fit.model.initial_checkpoint
         if resume is None and initial is not None:  # read and checked in before_instantiate_classes already
-            self.model.check_initial_checkpoint(read_initial_checkpoint(initial), initial, self.datamodule)
+            self.model.check_initial_checkpoint(
+                read_initial_checkpoint(initial, weights=False), initial, self.datamodule
+            )
             return
         if resume is None or not Path(resume).is_file():
             return

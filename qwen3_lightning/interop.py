@@ -221,23 +221,27 @@ def exported_tokenizer(path: str | Path) -> CharTokenizer:
     return CharTokenizer.from_dict({"vocab": tokens}, source=str(file))
 
 
-def read_initial_checkpoint(path: str | Path) -> dict:
+def read_initial_checkpoint(path: str | Path, weights: bool = True) -> dict:
     """What fine-tuning reads of ``model.initial_checkpoint``: a training checkpoint (memory-mapped), or a
     directory written by ``export`` in the same shape (its model's fields as ``overrides``, its weights under
-    ``model.``, its vocabulary as the DataModule's state)."""
+    ``model.``, its vocabulary as the DataModule's state). ``weights=False`` leaves an export's weights unread
+    (no ``state_dict``), for the checks of its shape and vocabulary."""
     from qwen3_lightning.model import Qwen3Transformer
 
     if not is_export(path):
         return read_checkpoint(path, mmap=True)
     tokenizer = exported_tokenizer(path)
-    model = load_pretrained(Qwen3Transformer, Path(path))
-    config = model.config
+    if weights:
+        model = load_pretrained(Qwen3Transformer, Path(path))
+        config, state = model.config, {f"model.{k}": v for k, v in model.state_dict().items()}
+    else:
+        config, state = Qwen3Config.from_hf_config(json.loads((Path(path) / "config.json").read_text("utf-8"))), None
     shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name != "vocab_size"}
-    return {
+    checkpoint = {
         "hyper_parameters": {"preset": "tiny", "overrides": shape, "vocab_size": config.vocab_size},
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "TextDataModule": {"tokenizer": tokenizer.to_dict()},
     }
+    return {**checkpoint, "state_dict": state} if weights else checkpoint
 
 
 def tokenizer_state(ckpt: dict) -> dict | None:
