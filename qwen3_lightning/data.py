@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -13,13 +15,13 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qwen3_lightning.tokenizer import SPECIAL_TOKENS, CharTokenizer
@@ -303,12 +305,25 @@ class LengthBuckets(Dataset):
         return collate([self.dataset[i] for i in self.batches[index]])
 
 
-class EpochSampler(DistributedSampler):
-    """This rank's share of the examples, shuffled by ``seed + epoch``.
+class ResumePoint(NamedTuple):
+    """Where a checkpoint stopped in its epoch."""
 
-    The order depends on nothing else (not the global random state, not earlier epochs), and an epoch can
-    start ``skip`` examples in: together, a run resumed from a mid-epoch checkpoint sees exactly the batches
-    an uninterrupted run would have. Being a ``DistributedSampler``, Lightning keeps it under DDP too.
+    epoch: int
+    batches: int  # Lightning's count of the epoch's batches so far, on each process
+    seen: int  # items (examples, or batches when bucketed) of the epoch's order trained on, over all processes
+    epoch_items: float  # items the epoch counted in all (more than the data holds when it ends with the data)
+    afresh: bool = False  # the checkpoint's items are not this run's; seen and epoch_items then count examples
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of the items (examples, or batches when bucketed), shuffled by ``seed + epoch``.
+
+    An epoch's order over all ranks depends on nothing else (not the global random state, not earlier epochs,
+    not the number of ranks): rank ``r`` of ``n`` takes its items ``r, r + n, ...``, padded as
+    ``DistributedSampler`` pads. So the items a run has trained on are a prefix of that order, and a run
+    resumed mid-epoch (``resume_epoch``, ``seen``) deals out the rest of it, over as many ranks as it has:
+    with the same ranks and batch size, exactly the batches an uninterrupted run would have taken. Being a
+    ``DistributedSampler``, Lightning keeps it under DDP too.
 
     ``epoch_fn`` gives the epoch when iteration starts. Lightning's ``set_epoch`` is not relied on: it comes
     after the iterator exists when batches are prefetched (workers, or ``batch_size=None``), and it is one
@@ -326,21 +341,29 @@ class EpochSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch_fn = epoch_fn
-        self.skip_epoch, self.skip, self.rotate = 0, 0, False
+        self.resume_epoch, self.seen = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         if self.epoch_fn is None:
             super().set_epoch(epoch)
 
+    def order(self) -> list[int]:
+        """The epoch's order of all items, over all ranks."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
     def __iter__(self) -> Iterator[int]:
         if self.epoch_fn is not None:
             self.epoch = self.epoch_fn()
-        indices = list(super().__iter__())
-        if self.epoch != self.skip_epoch:
-            return iter(indices)
-        # resumed mid-epoch: the examples not yet seen; with ``rotate``, then the seen ones again, for a run that
-        # Lightning counts in batches of another size, which may need more of them
-        return iter(indices[self.skip :] + (indices[: self.skip] if self.rotate else []))
+        order = self.order()
+        rest = order[self.seen :] if self.epoch == self.resume_epoch else order
+        # every rank gets as many items: the last round is filled from the epoch's start, as an uninterrupted
+        # epoch fills it (resumed with the checkpoint's ranks, the items seen are whole rounds: the same filling)
+        rest += list(itertools.islice(itertools.cycle(order), -len(rest) % self.num_replicas))
+        return iter(rest[self.rank :: self.num_replicas])
 
 
 def load_tokenizer(path: str | Path) -> CharTokenizer:
@@ -443,7 +466,7 @@ class TextDataModule(L.LightningDataModule):
         self.bucket_by_length, self.packing, self.seed = bucket_by_length, packing, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.predict_path, self.test_path, self.separator = predict_path, test_path, separator
-        self._resume_position: tuple[int, int, bool] | None = None
+        self._resume: ResumePoint | None = None
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
@@ -607,9 +630,8 @@ class TextDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
-        if shuffle and self._resume_position is not None:
-            # items: examples, or batches when bucketed
-            sampler.skip_epoch, sampler.skip, sampler.rotate = self._resume_position
+        if shuffle and self._resume is not None and not self._resume.afresh:
+            sampler.resume_epoch, sampler.seen = self._resume.epoch, self._resume.seen
         return DataLoader(
             items,
             batch_size=None if self.bucket_by_length else self.batch_size,
@@ -630,7 +652,34 @@ class TextDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        loader = self._loader(self.train_dataset, shuffle=True)
+        if self._resume is not None:
+            self._count_the_rest_of_the_epoch(loader, self._resume)
+        return loader
+
+    def _count_the_rest_of_the_epoch(self, loader: DataLoader, resume: ResumePoint) -> None:
+        """Sets Lightning's count of the resumed epoch's batches so that it takes the rest of the epoch, as
+        the sampler deals it out. With the processes and batch size the checkpoint was written with, the count
+        is the checkpoint's; with others, Lightning would count the rest in this run's batches per epoch and
+        take too many or stop short of it (or end the epoch at once, with more processes).
+
+        Called while Lightning sets up its training data, after it restored its loops from the checkpoint and
+        before the epoch's first batch.
+        """
+        trainer = self.trainer
+        count = trainer.fit_loop.epoch_loop.batch_progress.current
+        if trainer.current_epoch != resume.epoch or count.processed != resume.batches:
+            return  # not the resumed epoch's start (a reload of the data later on)
+        limit = trainer.limit_train_batches  # what Lightning makes of len(loader), as it does
+        batches = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
+        # in the sampler's items; or in examples, for an epoch drawn afresh (this run's batches hold up to batch_size)
+        items = len(self.train_dataset) if resume.afresh else len(loader.sampler.dataset)
+        unit = 1 if self.bucket_by_length and not resume.afresh else self.batch_size
+        rest = min(resume.epoch_items, items) - resume.seen
+        rest_batches = math.ceil(math.ceil(rest / trainer.world_size) / unit)
+        shift = max(batches - rest_batches, 0) - count.processed
+        count.ready, count.started = count.ready + shift, count.started + shift
+        count.processed, count.completed = count.processed + shift, count.completed + shift
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
@@ -681,48 +730,47 @@ class TextDataModule(L.LightningDataModule):
             }
         return state
 
-    def _resume_skip(self, position: dict[str, Any]) -> tuple[int, int, bool] | None:
-        """(epoch, items of it to skip, rotate) to resume mid-epoch at the next unseen batch. None when the
-        checkpoint ended its epoch (nothing to skip), and, with a warning, when this run deals the epoch out
-        differently (the rest of it is then drawn afresh)."""
-        if position["batches"] >= position.get("epoch_batches", float("inf")):
+    def _resume_point(self, position: dict[str, Any]) -> ResumePoint | None:
+        """Where to resume a checkpoint's epoch; None when the checkpoint ended its epoch. When the epoch's
+        items are not this run's (length buckets switched on or off, or buckets of another batch size), the rest
+        of the epoch is drawn afresh, with a warning."""
+        if position["batches"] >= position.get("epoch_batches", math.inf):
             return None
         # checkpoints before 2026-12-01 lack batch_size, bucket_by_length and epoch_batches
         saved = {
             "world_size": position["world_size"],
-            "bucket_by_length": position.get("bucket_by_length", self.bucket_by_length),
             "batch_size": position.get("batch_size", self.batch_size),
+            "bucket_by_length": position.get("bucket_by_length", self.bucket_by_length),
         }
         now = {
             "world_size": self.trainer.world_size,
-            "bucket_by_length": self.bucket_by_length,
             "batch_size": self.batch_size,
+            "bucket_by_length": self.bucket_by_length,
         }
         changed = [name for name in saved if saved[name] != now[name]]
         said = ", ".join(f"{name}={saved[name]} (now {now[name]})" for name in changed)
-        if changed == ["batch_size"] and not self.bucket_by_length:  # the example order does not depend on it
+        afresh = "bucket_by_length" in changed or (self.bucket_by_length and "batch_size" in changed)
+        # items (examples, or batches when bucketed) a step took: a batch on every process
+        per_step = saved["world_size"] * (1 if saved["bucket_by_length"] and not afresh else saved["batch_size"])
+        if afresh:
             rank_zero_warn(
-                f"the checkpoint was written mid-epoch with {said}: the examples not yet seen come first, but "
-                "Lightning counts the rest of the epoch in batches of the new size, so in that epoch some examples "
-                "may be seen twice, or with a larger batch size not at all, and a larger batch size may skip that "
-                "epoch's validation."
+                f"the checkpoint was written mid-epoch with {said}: the epoch's batches are not this run's, so the "
+                "rest of the interrupted epoch is drawn afresh, as many examples as it had left: in that epoch "
+                "only, some examples may be seen twice, others not at all."
             )
-            return position["epoch"], position["batches"] * saved["batch_size"], True
-        if changed:
-            rank_zero_warn(
-                f"the checkpoint was written mid-epoch with {said}: the batches of an epoch are dealt out "
-                "differently, so the rest of the interrupted epoch is drawn afresh, in that epoch only: some "
-                "examples may be seen twice, others not at all. Lightning counts the rest of that epoch in this "
-                "run's batches, so with fewer batches an epoch than before (more processes, say) the epoch may end "
-                "at once, without its validation."
+        elif changed:
+            rank_zero_info(
+                f"The checkpoint was written mid-epoch with {said}: the rest of epoch {position['epoch']} is dealt "
+                "out to this run's processes and batches."
             )
-            return None
-        return position["epoch"], position["batches"] * (1 if self.bucket_by_length else self.batch_size), False
+        epoch_items = position.get("epoch_batches", math.inf) * per_step
+        seen = position["batches"] * per_step
+        return ResumePoint(position["epoch"], position["batches"], seen, epoch_items, afresh)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")
         if position and self.trainer is not None and position["batches"]:
-            self._resume_position = self._resume_skip(position)
+            self._resume = self._resume_point(position)
         self.check_vocabulary(state_dict)
 
     def check_vocabulary(self, state_dict: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from qwen3_lightning.data import (
     IGNORE_INDEX,
     SAMPLE_CORPUS,
     EncodedCorpus,
+    EpochSampler,
     LengthBuckets,
     TextDataModule,
     TextDataset,
@@ -791,3 +792,27 @@ def test_bundled_sample_corpus_is_the_default():
     assert sum(held_out.values()) == len(val) == round(len(poems) * 0.05)
     assert Counter(val) == Counter(as_seen(p, dm.tokenizer) for p in held_out.elements())
     assert dm.tokenizer == CharTokenizer().build_vocab(train)
+
+
+@pytest.mark.parametrize("items", [1, 7, 16, 23])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_epoch_sampler_deals_out_the_rest_of_an_epoch_over_any_number_of_ranks(items, ranks):
+    # from the epoch's start: what torch's DistributedSampler deals out, padding included
+    for shuffle in (True, False):
+        for rank in range(ranks):
+            plain = torch.utils.data.DistributedSampler(range(items), ranks, rank, shuffle=shuffle, seed=3)
+            assert list(EpochSampler(range(items), ranks, rank, shuffle=shuffle, seed=3)) == list(plain)
+    # resumed after two rounds of 2 ranks: every item not yet seen once over the ranks, the seen ones only as
+    # the padding that gives every rank as many
+    order = list(EpochSampler(range(items), 1, 0, shuffle=True, seed=3))
+    seen = min(4, items - 1)
+    dealt = []
+    for rank in range(ranks):
+        sampler = EpochSampler(range(items), ranks, rank, shuffle=True, seed=3)
+        sampler.resume_epoch, sampler.seen = 0, seen
+        dealt.append(list(sampler))
+    assert len({len(d) for d in dealt}) == 1
+    flat = [dealt[i % ranks][i // ranks] for i in range(len(dealt[0]) * ranks)]  # rank 0's first, rank 1's, ...
+    rest = order[seen:]
+    assert flat[: len(rest)] == rest  # every unseen item once, in the epoch's order
+    assert flat[len(rest) :] == (order * ranks)[: len(flat) - len(rest)] and len(flat) - len(rest) < ranks

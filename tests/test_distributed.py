@@ -102,15 +102,23 @@ def test_ddp_fit_shards_batches_and_writes_once_then_resumes_in_one_process(corp
     assert model.generate(ids, 5, temperature=0).shape == (1, 8)
 
 
-def test_single_process_checkpoint_resumes_under_ddp(corpus, tmp_path):
+def test_mid_epoch_checkpoints_resume_exactly_with_another_number_of_processes(corpus, tmp_path):
+    # an epoch: 8 batches of 2 in one process, 4 per rank in two. Each leg stops mid-epoch; the next goes on
+    # with the rest of that epoch, dealt out to its own processes: 2 steps in one process, the other 6 batches
+    # as 3 steps of two ranks, 1 step into epoch 1, then its other 6 batches in one process. Each example is
+    # trained on once an epoch, so the tokens add up to two epochs exactly (Lightning alone would count the
+    # rest of an epoch in the new run's batches per epoch: 2 steps, not 3, after the first leg)
     root = tmp_path / "run"
-    fit(corpus, root, 1, "--trainer.max_epochs", "1")
-    first = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
-    assert first["global_step"] == len(TRAIN) // BATCH
-    fit(corpus, root, 2, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    fit(corpus, root, 1, "--trainer.max_steps", "2", "--trainer.max_epochs", "2")
+    fit(corpus, root, 2, "--trainer.max_steps", "6", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    ddp = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    position = ddp["TextDataModule"]["position"]
+    assert (ddp["global_step"], position["epoch"], position["batches"]) == (6, 1, 1)
+    assert ddp["tokens_seen"] > train_tokens()
+    fit(corpus, root, 1, "--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--ckpt_path", "last")
     resumed = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
-    assert resumed["global_step"] == first["global_step"] + math.ceil(len(TRAIN) / 2 / BATCH)
-    assert resumed["tokens_seen"] == 2 * first["tokens_seen"]
+    assert resumed["global_step"] == 12
+    assert resumed["tokens_seen"] == 2 * train_tokens()
 
 
 def test_optimizer_state_is_numbered_as_fsdp_reads_a_checkpoint_written_without_it(tmp_path):
