@@ -306,13 +306,13 @@ class LengthBuckets(Dataset):
 
 
 class ResumePoint(NamedTuple):
-    """Where a checkpoint stopped in its epoch."""
+    """Where a checkpoint stopped in its epoch, in this run's items (examples, or batches when bucketed) of the
+    epoch's order over all processes."""
 
     epoch: int
     batches: int  # Lightning's count of the epoch's batches so far, on each process
-    seen: int  # items (examples, or batches when bucketed) of the epoch's order trained on, over all processes
-    epoch_items: float  # items the epoch counted in all (more than the data holds when it ends with the data)
-    afresh: bool = False  # the checkpoint's items are not this run's; seen and epoch_items then count examples
+    seen: int  # the items trained on: the first ``seen`` of the order
+    end: float  # where in the order the epoch ends (past the data's end when it takes all of it)
 
 
 class EpochSampler(DistributedSampler):
@@ -321,9 +321,9 @@ class EpochSampler(DistributedSampler):
     An epoch's order over all ranks depends on nothing else (not the global random state, not earlier epochs,
     not the number of ranks): rank ``r`` of ``n`` takes its items ``r, r + n, ...``, padded as
     ``DistributedSampler`` pads. So the items a run has trained on are a prefix of that order, and a run
-    resumed mid-epoch (``resume_epoch``, ``seen``) deals out the rest of it, over as many ranks as it has:
-    with the same ranks and batch size, exactly the batches an uninterrupted run would have taken. Being a
-    ``DistributedSampler``, Lightning keeps it under DDP too.
+    resumed mid-epoch (``resume_epoch``) deals out the rest of it (from ``seen`` to ``end``, where the epoch
+    stops), over as many ranks as it has: with the same ranks and batch size, exactly the batches an
+    uninterrupted run would have taken. Being a ``DistributedSampler``, Lightning keeps it under DDP too.
 
     ``epoch_fn`` gives the epoch when iteration starts. Lightning's ``set_epoch`` is not relied on: it comes
     after the iterator exists when batches are prefetched (workers, or ``batch_size=None``), and it is one
@@ -341,7 +341,7 @@ class EpochSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch_fn = epoch_fn
-        self.resume_epoch, self.seen = 0, 0
+        self.resume_epoch, self.seen, self.end = 0, 0, math.inf
 
     def set_epoch(self, epoch: int) -> None:
         if self.epoch_fn is None:
@@ -359,7 +359,7 @@ class EpochSampler(DistributedSampler):
         if self.epoch_fn is not None:
             self.epoch = self.epoch_fn()
         order = self.order()
-        rest = order[self.seen :] if self.epoch == self.resume_epoch else order
+        rest = order[self.seen : int(min(self.end, len(order)))] if self.epoch == self.resume_epoch else order
         # every rank gets as many items: the last round is filled from the epoch's start, as an uninterrupted
         # epoch fills it (resumed with the checkpoint's ranks, the items seen are whole rounds: the same filling)
         rest += list(itertools.islice(itertools.cycle(order), -len(rest) % self.num_replicas))
@@ -467,6 +467,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.predict_path, self.test_path, self.separator = predict_path, test_path, separator
         self._resume: ResumePoint | None = None
+        self._origin: tuple[int, int, float] | None = None  # (epoch, item at Lightning's count 0, end), when resumed
 
         if texts is not None and train_path is not None:
             raise ValueError("give train_path or texts, not both.")
@@ -572,6 +573,7 @@ class TextDataModule(L.LightningDataModule):
         return self._val_set
 
     def setup(self, stage: str) -> None:
+        self._resume = self._origin = None  # a checkpoint's position is restored after this, for this fit only
         # read now, so that a bad train_path or val_path stops the run before its first step
         if stage == TrainerFn.FITTING:
             self.datasets()
@@ -630,8 +632,8 @@ class TextDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
-        if shuffle and self._resume is not None and not self._resume.afresh:
-            sampler.resume_epoch, sampler.seen = self._resume.epoch, self._resume.seen
+        if shuffle and self._resume is not None:
+            sampler.resume_epoch, sampler.seen, sampler.end = self._resume.epoch, self._resume.seen, self._resume.end
         return DataLoader(
             items,
             batch_size=None if self.bucket_by_length else self.batch_size,
@@ -672,14 +674,21 @@ class TextDataModule(L.LightningDataModule):
             return  # not the resumed epoch's start (a reload of the data later on)
         limit = trainer.limit_train_batches  # what Lightning makes of len(loader), as it does
         batches = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
-        # in the sampler's items; or in examples, for an epoch drawn afresh (this run's batches hold up to batch_size)
-        items = len(self.train_dataset) if resume.afresh else len(loader.sampler.dataset)
-        unit = 1 if self.bucket_by_length and not resume.afresh else self.batch_size
-        rest = min(resume.epoch_items, items) - resume.seen
-        rest_batches = math.ceil(math.ceil(rest / trainer.world_size) / unit)
-        shift = max(batches - rest_batches, 0) - count.processed
+        rest = min(resume.end, len(loader.sampler.dataset)) - resume.seen
+        start = max(batches - math.ceil(math.ceil(rest / trainer.world_size) / self._per_batch()), 0)
+        shift = start - count.processed
         count.ready, count.started = count.ready + shift, count.started + shift
         count.processed, count.completed = count.processed + shift, count.completed + shift
+        # so that a checkpoint later in this epoch says which items its count stands for
+        self._origin = (resume.epoch, resume.seen - start * self._per_step(), resume.end)
+
+    def _per_batch(self) -> int:
+        """Items in a batch: examples, or one batch of them when bucketed."""
+        return 1 if self.bucket_by_length else self.batch_size
+
+    def _per_step(self) -> int:
+        """Items of the epoch's order that a training step takes: a batch on every process."""
+        return self._per_batch() * (self.trainer.world_size if self.trainer else 1)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
@@ -720,10 +729,15 @@ class TextDataModule(L.LightningDataModule):
             fit = trainer.fit_loop
             epoch = max(fit.epoch_progress.current.started - 1, 0)
             done = fit.epoch_loop.batch_progress.current.processed
+            origin, end = 0, trainer.num_training_batches * self._per_step()
+            if self._origin is not None and self._origin[0] == epoch:  # an epoch resumed in other batches
+                _, origin, end = self._origin
             state["position"] = {
                 "epoch": epoch,
                 "batches": done,
                 "epoch_batches": trainer.num_training_batches,
+                "seen": origin + done * self._per_step(),  # items of the epoch's order trained on
+                "end": end,
                 "world_size": trainer.world_size,
                 "batch_size": self.batch_size,
                 "bucket_by_length": self.bucket_by_length,
@@ -733,10 +747,10 @@ class TextDataModule(L.LightningDataModule):
     def _resume_point(self, position: dict[str, Any]) -> ResumePoint | None:
         """Where to resume a checkpoint's epoch; None when the checkpoint ended its epoch. When the epoch's
         items are not this run's (length buckets switched on or off, or buckets of another batch size), the rest
-        of the epoch is drawn afresh, with a warning."""
+        of the epoch is drawn afresh, as many examples as it had left, with a warning."""
         if position["batches"] >= position.get("epoch_batches", math.inf):
             return None
-        # checkpoints before 2026-12-01 lack batch_size, bucket_by_length and epoch_batches
+        # checkpoints before 2026-12-01 lack batch_size, bucket_by_length and epoch_batches, and seen and end
         saved = {
             "world_size": position["world_size"],
             "batch_size": position.get("batch_size", self.batch_size),
@@ -749,23 +763,28 @@ class TextDataModule(L.LightningDataModule):
         }
         changed = [name for name in saved if saved[name] != now[name]]
         said = ", ".join(f"{name}={saved[name]} (now {now[name]})" for name in changed)
-        afresh = "bucket_by_length" in changed or (self.bucket_by_length and "batch_size" in changed)
-        # items (examples, or batches when bucketed) a step took: a batch on every process
-        per_step = saved["world_size"] * (1 if saved["bucket_by_length"] and not afresh else saved["batch_size"])
-        if afresh:
+        per_step = saved["world_size"] * (1 if saved["bucket_by_length"] else saved["batch_size"])
+        seen = position.get("seen", position["batches"] * per_step)
+        end = position.get("end", position.get("epoch_batches", math.inf) * per_step)
+        if "bucket_by_length" in changed or (self.bucket_by_length and "batch_size" in changed):
             rank_zero_warn(
                 f"the checkpoint was written mid-epoch with {said}: the epoch's batches are not this run's, so the "
                 "rest of the interrupted epoch is drawn afresh, as many examples as it had left: in that epoch "
                 "only, some examples may be seen twice, others not at all."
             )
-        elif changed:
+            # in examples: an item of the checkpoint's or of this run's is a whole batch when bucketed
+            then, now = (
+                (saved["batch_size"] if saved["bucket_by_length"] else 1),
+                (self.batch_size if self.bucket_by_length else 1),
+            )
+            left = min(end * then, len(self.train_dataset)) - seen * then
+            return ResumePoint(position["epoch"], position["batches"], 0, math.ceil(left / now))
+        if changed:
             rank_zero_info(
                 f"The checkpoint was written mid-epoch with {said}: the rest of epoch {position['epoch']} is dealt "
                 "out to this run's processes and batches."
             )
-        epoch_items = position.get("epoch_batches", math.inf) * per_step
-        seen = position["batches"] * per_step
-        return ResumePoint(position["epoch"], position["batches"], seen, epoch_items, afresh)
+        return ResumePoint(position["epoch"], position["batches"], seen, end)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")

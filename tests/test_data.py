@@ -816,3 +816,11 @@ def test_epoch_sampler_deals_out_the_rest_of_an_epoch_over_any_number_of_ranks(i
     rest = order[seen:]
     assert flat[: len(rest)] == rest  # every unseen item once, in the epoch's order
     assert flat[len(rest) :] == (order * ranks)[: len(flat) - len(rest)] and len(flat) - len(rest) < ranks
+    # an epoch that ends before the data does (limit_train_batches, or one resumed from another batch layout)
+    ends = []
+    for rank in range(ranks):
+        sampler = EpochSampler(range(items), ranks, rank, shuffle=True, seed=3)
+        sampler.resume_epoch, sampler.seen, sampler.end = 0, 0, items - 1
+        ends.append(list(sampler))
+    assert [ends[i % ranks][i // ranks] for i in range(items - 1)] == order[: items - 1]
+    assert len(ends[0]) == math.ceil((items - 1) / ranks)

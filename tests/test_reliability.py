@@ -211,17 +211,19 @@ class SeenExamples(L.Callback):
             self.seen += [tuple(row[row != 0].tolist()) for row in batch["input_ids"]]
 
 
-def first_epoch(tmp_path: Path, batch_size: int, bucket: bool, max_steps: int = -1, **fit) -> list[tuple[int, ...]]:
+def first_epoch(
+    tmp_path: Path, batch_size: int, bucket: bool, max_steps: int = -1, every: int = 3, **fit
+) -> list[tuple[int, ...]]:
     docs = [f"{i}{poem}" for i, poem in enumerate(POEMS * 3)]  # each one window, none alike
     data = TextDataModule(texts=docs, val_split=0, max_length=64, batch_size=batch_size, bucket_by_length=bucket)
     model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
     seen = SeenExamples()
-    every_3 = L.pytorch.callbacks.ModelCheckpoint(
-        tmp_path, every_n_train_steps=3, save_top_k=-1, filename="s{step}", auto_insert_metric_name=False
+    every_n = L.pytorch.callbacks.ModelCheckpoint(
+        tmp_path, every_n_train_steps=every, save_top_k=-1, filename="s{step}", auto_insert_metric_name=False
     )
     trainer = L.Trainer(
         max_steps=max_steps, max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[seen, every_3],
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[seen, every_n],
     )  # fmt: skip
     trainer.fit(model, data, **fit)
     return seen.seen
@@ -252,6 +254,18 @@ def test_resuming_mid_epoch_with_another_batch_size(tmp_path, batch_size, bucket
         assert len(after) == 12
     if checkpoint == "s6":
         assert after == []
+
+
+def test_an_epoch_resumed_in_other_batches_resumes_again_exactly(tmp_path):
+    # batches of 4 stop at 12 of 24 examples; batches of 5 go on and stop after one batch (17 seen), which the
+    # checkpoint must count in examples, not in Lightning's count of its batches (4, less the rest's 3 = 1)
+    whole = first_epoch(tmp_path, 4, False)
+    of_5 = first_epoch(tmp_path / "b", 5, False, every=1, ckpt_path=tmp_path / "s3.ckpt")
+    assert of_5 == whole[12:]
+    for batch_size in (5, 3):  # the same batches again, and others
+        assert (
+            first_epoch(tmp_path / f"c{batch_size}", batch_size, False, ckpt_path=tmp_path / "b/s4.ckpt") == whole[17:]
+        )
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
