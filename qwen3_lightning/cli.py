@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,6 +24,16 @@ from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckp
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule
+
+
+class FullOptionsParser(ArgumentParser):
+    """jsonargparse's parser, taking options only as spelt in full (argparse would take ``--ckpt`` for
+    ``--ckpt_path``), in the subcommands' parsers too: jsonargparse's ``CLI`` builds those of its own class
+    without the settings it was given (before 4.53)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 def default_precision() -> str:
@@ -425,7 +436,7 @@ def main(args: list[str] | None = None) -> None:
                 args=args,
                 as_positional=False,
                 prog=program_name(),
-                allow_abbrev=False,
+                parser_class=FullOptionsParser,
             )
         else:
             Qwen3CLI(args=args)

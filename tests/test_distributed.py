@@ -190,7 +190,7 @@ def test_fsdp_config_wraps_and_checkpoints_decoder_layers(tmp_path):
     config = yaml.safe_load((ROOT / "configs/fsdp.yaml").read_text())["trainer"]["strategy"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=FSDPStrategy)
-    strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": config})).strategy
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen3DecoderLayer}
     assert json.dumps(strategy._state_dict_type) == '"full"'
