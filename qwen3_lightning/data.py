@@ -313,6 +313,7 @@ class ResumePoint(NamedTuple):
     batches: int  # Lightning's count of the epoch's batches so far, on each process
     seen: int  # the items trained on: the first ``seen`` of the order
     end: float  # where in the order the epoch ends (past the data's end when it takes all of it)
+    ended: bool = False  # the checkpoint was written after the epoch's last batch
 
 
 class EpochSampler(DistributedSampler):
@@ -632,7 +633,7 @@ class TextDataModule(L.LightningDataModule):
             seed=self.seed,
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
         )
-        if shuffle and self._resume is not None:
+        if shuffle and self._resume is not None and not self._resume.ended:
             sampler.resume_epoch, sampler.seen, sampler.end = self._resume.epoch, self._resume.seen, self._resume.end
         return DataLoader(
             items,
@@ -670,17 +671,20 @@ class TextDataModule(L.LightningDataModule):
         """
         trainer = self.trainer
         count = trainer.fit_loop.epoch_loop.batch_progress.current
-        if trainer.current_epoch != resume.epoch or count.processed != resume.batches:
+        if count.processed != resume.batches or not (resume.ended or trainer.current_epoch == resume.epoch):
             return  # not the resumed epoch's start (a reload of the data later on)
         limit = trainer.limit_train_batches  # what Lightning makes of len(loader), as it does
         batches = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
-        rest = min(resume.end, len(loader.sampler.dataset)) - resume.seen
-        start = max(batches - math.ceil(math.ceil(rest / trainer.world_size) / self._per_batch()), 0)
+        if resume.ended:  # at the end in this run's count too, or Lightning would go on with the next epoch's data
+            start = max(batches, count.processed)
+        else:
+            rest = min(resume.end, len(loader.sampler.dataset)) - resume.seen
+            start = max(batches - math.ceil(math.ceil(rest / trainer.world_size) / self._per_batch()), 0)
         shift = start - count.processed
         count.ready, count.started = count.ready + shift, count.started + shift
         count.processed, count.completed = count.processed + shift, count.completed + shift
-        # so that a checkpoint later in this epoch says which items its count stands for
-        self._origin = (resume.epoch, resume.seen - start * self._per_step(), resume.end)
+        if not resume.ended:  # so that a checkpoint later in this epoch says which items its count stands for
+            self._origin = (resume.epoch, resume.seen - start * self._per_step(), resume.end)
 
     def _per_batch(self) -> int:
         """Items in a batch: examples, or one batch of them when bucketed."""
@@ -744,12 +748,12 @@ class TextDataModule(L.LightningDataModule):
             }
         return state
 
-    def _resume_point(self, position: dict[str, Any]) -> ResumePoint | None:
-        """Where to resume a checkpoint's epoch; None when the checkpoint ended its epoch. When the epoch's
-        items are not this run's (length buckets switched on or off, or buckets of another batch size), the rest
-        of the epoch is drawn afresh, as many examples as it had left, with a warning."""
+    def _resume_point(self, position: dict[str, Any]) -> ResumePoint:
+        """Where to resume a checkpoint's epoch. When the epoch's items are not this run's (length buckets
+        switched on or off, or buckets of another batch size), the rest of the epoch is drawn afresh, as many
+        examples as it had left, with a warning."""
         if position["batches"] >= position.get("epoch_batches", math.inf):
-            return None
+            return ResumePoint(position["epoch"], position["batches"], 0, math.inf, ended=True)
         # checkpoints before 2026-12-01 lack batch_size, bucket_by_length and epoch_batches, and seen and end
         saved = {
             "world_size": position["world_size"],

@@ -357,6 +357,20 @@ class Qwen3LightningModule(L.LightningModule):
         scheduler = self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _run_length(self) -> float:
+        """The run's optimizer steps: those taken so far plus those this run will take. Lightning's estimate
+        counts every epoch in this run's steps per epoch, which a run resumed with other processes or another
+        batch size did not take (with more processes, the schedule would end early)."""
+        trainer = self.trainer
+        batches, every = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if trainer.max_epochs in (None, -1) or not math.isfinite(batches):
+            return trainer.estimated_stepping_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # of the epoch, when it is unfinished
+        this_epoch = batches - (done if done < batches else 0)
+        epochs_after = max(trainer.max_epochs - trainer.current_epoch - 1, 0)
+        total = trainer.global_step + math.ceil(this_epoch / every) + epochs_after * math.ceil(batches / every)
+        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
     def lr_multiplier(self, step: int) -> float:
         """The learning-rate schedule (``warmup_cosine``) at optimizer step ``step``, once its length is known."""
         if self._schedule is None:
@@ -375,7 +389,7 @@ class Qwen3LightningModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not self._scheduler:  # another's, such as Lightning's learning-rate finder: its own sweep
             return
-        total = self.trainer.estimated_stepping_batches
+        total = self._run_length()
         if not math.isfinite(total):
             raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
         hp = self.hparams

@@ -268,6 +268,48 @@ def test_an_epoch_resumed_in_other_batches_resumes_again_exactly(tmp_path):
         )
 
 
+class SeenByEpoch(L.Callback):
+    def __init__(self) -> None:
+        self.seen: dict[int, list[tuple[int, ...]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        rows = [tuple(row[row != 0].tolist()) for row in batch["input_ids"]]
+        self.seen.setdefault(trainer.current_epoch, []).extend(rows)
+
+
+def two_epochs(tmp_path: Path, batch_size: int, ckpt_path: Path | None = None) -> tuple[L.Trainer, SeenByEpoch, float]:
+    """24 training examples (6 batches of 4), a validation each epoch; checkpoints at steps 3, 6 (the first
+    epoch's last batch, before its validation) and at the end of each epoch (after it)."""
+    docs = [f"{i}{poem}" for i, poem in enumerate(POEMS * 3)] + [f"v{i}{poem}" for i, poem in enumerate(POEMS[:4])]
+    data = TextDataModule(texts=docs, val_split=4 / len(docs), max_length=64, batch_size=batch_size)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
+    seen = SeenByEpoch()
+    name = {"save_top_k": -1, "auto_insert_metric_name": False}
+    steps = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=3, filename="s{step}", **name)
+    epochs = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_epochs=1, filename="e{epoch}", **name)
+    trainer = L.Trainer(
+        max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path, callbacks=[seen, steps, epochs],
+    )  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, seen, model._schedule[1]
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "batch_size", "steps"),
+    [("s3", 2, 3 + 6 + 12), ("s6", 2, 6 + 12), ("e0", 2, 6 + 12), ("e0", 8, 6 + 3), ("s6", 4, 12)],
+    ids=["mid-epoch", "after-last-batch", "after-validation", "after-validation-larger", "same"],
+)
+def test_a_run_resumed_in_other_batches_finishes_its_epochs_and_its_schedule(tmp_path, checkpoint, batch_size, steps):
+    # the epoch after the checkpoint is whole in the new batches (Lightning alone would end it after 6 batches of
+    # 2, its count so far), and the cosine schedule spans the steps the run takes (Lightning's estimate counts
+    # both epochs in the new batches: 24 steps of 2, or 6 of 8)
+    two_epochs(tmp_path, 4)
+    trainer, seen, schedule = two_epochs(tmp_path / "resumed", batch_size, ckpt_path=tmp_path / f"{checkpoint}.ckpt")
+    assert len(seen.seen[1]) == len(set(seen.seen[1])) == 24
+    assert trainer.global_step == schedule == steps
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     run = tmp_path / "run"
     process = start(fit_args(corpus, run, "--trainer.max_steps", "100000"), tmp_path)
