@@ -365,10 +365,13 @@ class Qwen3LightningModule(L.LightningModule):
         batches, every = trainer.num_training_batches, trainer.accumulate_grad_batches
         if trainer.max_epochs in (None, -1) or not math.isfinite(batches):
             return trainer.estimated_stepping_batches
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # of the epoch, when it is unfinished
-        this_epoch = batches - (done if done < batches else 0)
-        epochs_after = max(trainer.max_epochs - trainer.current_epoch - 1, 0)
-        total = trainer.global_step + math.ceil(this_epoch / every) + epochs_after * math.ceil(batches / every)
+        fit, epoch, per_epoch = trainer.fit_loop, trainer.current_epoch, math.ceil(batches / every)
+        left = 0
+        if fit.epoch_progress.current.started > epoch:  # within an epoch (not between two): the steps it has left
+            done = fit.epoch_loop.batch_progress.current.processed
+            # Lightning steps where its count reaches a multiple of ``every``, and on the epoch's last batch
+            left, epoch = (per_epoch - done // every if done < batches else 0), epoch + 1
+        total = trainer.global_step + left + max(trainer.max_epochs - epoch, 0) * per_epoch
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
     def lr_multiplier(self, step: int) -> float:

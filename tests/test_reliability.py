@@ -1,5 +1,6 @@
 """Interrupted runs resume exactly, runs repeat exactly, bad input is refused clearly, checkpoints load safely."""
 
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import POEMS
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from qwen3_lightning.callbacks import ResumeCheckpoint
@@ -308,6 +310,43 @@ def test_a_run_resumed_in_other_batches_finishes_its_epochs_and_its_schedule(tmp
     trainer, seen, schedule = two_epochs(tmp_path / "resumed", batch_size, ckpt_path=tmp_path / f"{checkpoint}.ckpt")
     assert len(seen.seen[1]) == len(set(seen.seen[1])) == 24
     assert trainer.global_step == schedule == steps
+
+
+class TermInValidation(L.Callback):
+    """SIGTERM during the validation after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fit_for_its_schedule(root: Path, documents: int, ckpt_path: Path | None = None, *callbacks, **limits):
+    docs = [f"{i}{poem}" for i, poem in enumerate(POEMS * 4)][:documents] + [f"v{i}{p}" for i, p in enumerate(POEMS)]
+    data = TextDataModule(texts=docs, val_split=8 / len(docs), max_length=64, batch_size=4)  # 2 validation batches
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 16})
+    checkpoints = [ResumeCheckpoint(dirpath=str(root)), L.pytorch.callbacks.ModelCheckpoint(root, save_top_k=-1)]
+    trainer = L.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=root, callbacks=[*checkpoints, *callbacks], **limits,
+    )  # fmt: skip
+    with contextlib.suppress(SIGTERMException):
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_a_resumed_schedule_spans_the_steps_the_run_takes(tmp_path):
+    # the states the review of the schedule's length found: a SIGTERM in the validation at an epoch's end
+    # (6 steps an epoch), and a checkpoint inside an accumulation window (a validation after batch 3 of 7)
+    fit_for_its_schedule(tmp_path / "a", 24, None, TermInValidation(6), max_epochs=3)
+    trainer, model = fit_for_its_schedule(tmp_path / "a", 24, tmp_path / "a/last.ckpt", max_epochs=3)
+    assert model._schedule[1] == trainer.estimated_stepping_batches == trainer.global_step == 18
+    limits = {"max_epochs": 2, "accumulate_grad_batches": 2, "val_check_interval": 3}
+    fit_for_its_schedule(tmp_path / "b", 28, **limits)
+    trainer, model = fit_for_its_schedule(tmp_path / "c", 28, tmp_path / "b/epoch=0-step=1.ckpt", **limits)
+    assert model._schedule[1] == trainer.estimated_stepping_batches == trainer.global_step == 8
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
