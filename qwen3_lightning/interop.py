@@ -256,6 +256,13 @@ def checkpoint_tokenizer(path: str | Path) -> CharTokenizer:
     return CharTokenizer.from_dict(tokenizer_state(read_checkpoint(path, mmap=True)), source=str(path))
 
 
+def model_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``Qwen3Transformer``'s weights in a training checkpoint's ``state_dict``, where the LightningModule
+    keeps them under ``model.``."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Qwen3Transformer, CharTokenizer]:
@@ -269,6 +276,5 @@ def load_checkpoint(
         hparams["preset"], **{**(hparams.get("overrides") or {}), "vocab_size": hparams["vocab_size"]}
     )
     model = Qwen3Transformer(config)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    model.load_state_dict(model_weights(state))
     return model, CharTokenizer.from_dict(tokenizer_state(ckpt), source=str(path))

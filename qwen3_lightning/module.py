@@ -162,15 +162,12 @@ class Qwen3LightningModule(L.LightningModule):
                 layer.compile()
 
     def _load_initial_weights(self, path: str) -> None:
-        from qwen3_lightning.interop import read_initial_checkpoint
+        from qwen3_lightning.interop import model_weights, read_initial_checkpoint
 
         # a checkpoint is memory-mapped: only the model's weights are read, not the optimizer state beside them
         checkpoint = read_initial_checkpoint(path)
         self.check_initial_checkpoint(checkpoint, path, self.trainer.datamodule if self._trainer else None)
-        prefix = "model."
-        self.model.load_state_dict(
-            {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        )
+        self.model.load_state_dict(model_weights(checkpoint["state_dict"]))
         rank_zero_info(f"model weights from {path} (model.initial_checkpoint)")
 
     def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str, datamodule: Any = None) -> None:
