@@ -29,13 +29,46 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is also written when training ends between two
-    validations (at ``max_steps``, say): Lightning skips it there once any checkpoint was saved, and a resume
-    with ``--ckpt_path last`` would then repeat the steps since."""
+    """Lightning's ModelCheckpoint, with two changes for runs that are resumed.
+
+    - ``last.ckpt`` is also written when training ends between two validations (at ``max_steps``, say):
+      Lightning skips it there once any checkpoint was saved, and a resume with ``--ckpt_path last`` would then
+      repeat the steps since.
+    - A run folder that was moved or copied (a renamed project, runs carried to a GPU machine) keeps its best
+      score: Lightning keeps it only where the folder's absolute path is the one saved, and would otherwise
+      replace ``best.ckpt`` with the next validation's model, however much worse.
+    """
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath and self._holds_the_files_of(state_dict):
+            state_dict = {**state_dict, "dirpath": self.dirpath, **self._moved_paths(state_dict)}
+        super().load_state_dict(state_dict)
+
+    def _saved_files(self, state_dict: dict[str, Any]) -> list[str]:
+        paths = [*state_dict.get("best_k_models", {}), state_dict.get("best_model_path", "")]
+        return [p for p in paths if p and Path(p).parent == Path(state_dict["dirpath"])]
+
+    def _holds_the_files_of(self, state_dict: dict[str, Any]) -> bool:
+        """Whether this folder holds the files the saved one did (if any): the same run's folder, moved. (A
+        resume into another run's folder is refused before; a new folder holds none, and starts a new best.)"""
+        return all((Path(self.dirpath) / Path(p).name).is_file() for p in self._saved_files(state_dict))
+
+    def _moved_paths(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The saved paths that lay in the saved folder, as the same names in this one."""
+
+        def here(path: str) -> str:
+            inside = path and Path(path).parent == Path(state_dict["dirpath"])
+            return str(Path(self.dirpath) / Path(path).name) if inside else path
+
+        keys = [k for k in ("best_model_path", "kth_best_model_path", "last_model_path") if k in state_dict]
+        moved: dict[str, Any] = {key: here(state_dict[key]) for key in keys}
+        moved["best_k_models"] = {here(p): score for p, score in state_dict.get("best_k_models", {}).items()}
+        return moved
 
 
 class ResumeCheckpoint(L.Callback):
@@ -56,7 +89,8 @@ class ResumeCheckpoint(L.Callback):
         if trainer.global_step == self._saved_step or trainer.sanity_checking:
             return
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        trainer.save_checkpoint(dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
+        last = dirpath / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(last, weights_only=False)  # a whole checkpoint, optimizer included, to resume
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(

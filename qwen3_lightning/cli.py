@@ -161,15 +161,17 @@ class Qwen3CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Where LightningCLI would take all of a checkpoint file's model hyperparameters over the command
         line's, takes only its shape (``model.preset`` and ``model.overrides``, so that validate, test and
-        predict need no model flags): the learning rate and every other setting stay this command's. Without a
-        ``ckpt_path`` file, the shape of ``model.initial_checkpoint``, the model a fine-tuning run starts from."""
+        predict need no model flags): the learning rate and every other setting stay this command's. Not for a
+        resumed fit: there a shape the command gives that differs from the checkpoint's is refused, whether the
+        checkpoint is named by its path or as ``last``, rather than dropped in silence. Without a ``ckpt_path``
+        file (and in fit), the shape of ``model.initial_checkpoint``, the model a fine-tuning run starts from."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         from qwen3_lightning.interop import read_initial_checkpoint
 
         config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path")
+        ckpt_path = config.get("ckpt_path") if subcommand != "fit" else None
         source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else config.model.get("initial_checkpoint")
         if not source or not Path(source).exists():
             return
@@ -209,12 +211,27 @@ class Qwen3CLI(LightningCLI):
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
             return
         self.model.check_resumable(checkpoint)
+        epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        max_epochs = self.trainer.max_epochs
+        if max_epochs not in (None, -1) and epochs.get("completed", 0) > max_epochs:
+            raise ValueError(
+                f"--ckpt_path {resume} has trained {epochs['completed']} epochs, more than "
+                f"trainer.max_epochs={max_epochs}. To train on, resume with --trainer.max_epochs above "
+                f"{epochs['completed']}; to evaluate or use that model, give it to validate, test or generate."
+            )
         state = checkpoint.get(type(self.datamodule).__qualname__)
         if isinstance(state, dict) and "tokenizer" in state:
             self.datamodule.check_vocabulary(state)
 
+    # each command's data, read before the log folder is made, as in before_fit
     def before_validate(self) -> None:
-        _ = self.datamodule.val_dataset  # read before the log folder is made, as in before_fit
+        _ = self.datamodule.val_dataset
+
+    def before_test(self) -> None:
+        _ = self.datamodule.test_dataset
+
+    def before_predict(self) -> None:
+        _ = self.datamodule.prompts
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # this CLI's own callbacks step aside for a run without checkpoints or without a logger, which Lightning
@@ -268,6 +285,13 @@ def resolve_ckpt_path(
     file = Path(checkpoint.dirpath) / f"{checkpoint.filename if ckpt_path == 'best' else 'last'}.ckpt"
     if file.is_file():
         return str(file)
+    others = sorted(p.name for p in file.parent.glob("*.ckpt")) if file.parent.is_dir() else []
+    if subcommand == "fit" and ckpt_path == "last" and others:
+        raise FileNotFoundError(
+            f"--ckpt_path last: there is no {file}, but its folder holds an earlier run's {', '.join(others[:4])}. "
+            f"Resume from one of them by its path (--ckpt_path {file.parent / others[0]}), start a new run "
+            "elsewhere with --trainer.default_root_dir, or delete the folder to start over."
+        )
     if subcommand == "fit" and ckpt_path == "last":
         rank_zero_warn(f"--ckpt_path last: there is no {file} yet, so this run starts from step 0.")
         return None
@@ -351,7 +375,8 @@ def generate(
         print(f"warning: {message}", file=sys.stderr)
     trained = read_checkpoint(ckpt_path, mmap=True).get("datamodule_hyper_parameters", {}).get("max_length")
     last_input = len(tokenizer.encode(prompt)) + max_new_tokens - 1  # <bos> is at 0; the last new token is not fed
-    if trained and last_input >= trained:
+    fits = last_input + 2 <= model.config.max_position_embeddings  # (else generation refuses, saying so)
+    if trained and last_input >= trained and fits:
         print(
             f"warning: the model was trained on {trained} positions (data.max_length); the prompt and "
             f"max_new_tokens={max_new_tokens} reach position {last_input}, and text past position {trained - 1} "
@@ -426,6 +451,8 @@ def main(args: list[str] | None = None) -> None:
     # at the end of a run that stopped before any validation: best.ckpt simply waits for one (val_loss is logged
     # at every validation); a monitor set to a key that is never logged still gets the warning
     warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val_loss'\)` could not find")
+    # the checkpoint folder is the run's, fixed: a resume finds it full, and a new run over it is refused
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     first = (sys.argv[1:] if args is None else args)[:1]
     try:
         if first in (["generate"], ["export"]):
@@ -442,6 +469,9 @@ def main(args: list[str] | None = None) -> None:
             Qwen3CLI(args=args)
     except SIGTERMException:  # last.ckpt is saved; Lightning would exit with 0, as if the run had finished
         sys.exit(128 + signal.SIGTERM)  # 143, what a process stopped by SIGTERM reports
+    except KeyboardInterrupt:  # Ctrl-C in generate or export (fit handles its own): no traceback from inside torch
+        print(file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not raised_here(err):
             raise

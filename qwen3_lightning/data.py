@@ -482,6 +482,8 @@ class TextDataModule(L.LightningDataModule):
         self._train_set: TextDataset | None = None
         self._val_set: TextDataset | None = None
         self._val_ready = False
+        self._test_set: TextDataset | None = None
+        self._prompts: list[str] | None = None
         if tokenizer_path is not None:
             # the training text is read when a stage needs it (fit, validate): test and predict need none
             self.tokenizer = load_tokenizer(tokenizer_path)
@@ -573,16 +575,48 @@ class TextDataModule(L.LightningDataModule):
             self._val_set, self._val_ready = (self._dataset(docs) if docs else None), True
         return self._val_set
 
+    @property
+    def test_dataset(self) -> TextDataset:
+        """The examples of ``test_path``, encoded on first use."""
+        if self._test_set is None:
+            if self.test_path is None:
+                raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
+            corpus = EncodedCorpus.encode(load_corpus(self.test_path, self.separator), self.tokenizer)
+            self._test_set = TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+        return self._test_set
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts of ``predict_path``, read on first use."""
+        if self._prompts is None:
+            if self.predict_path is None:
+                raise ValueError(
+                    "predict needs prompts: pass --data.predict_path, a text file with one prompt per line."
+                )
+            prompts = read_prompts(self.predict_path)
+            if not prompts:
+                raise ValueError(f"{self.predict_path} holds no prompt: write one prompt per line.")
+            self._prompts = prompts
+        return self._prompts
+
     def setup(self, stage: str) -> None:
         self._resume = self._origin = None  # a checkpoint's position is restored after this, for this fit only
-        # read now, so that a bad train_path or val_path stops the run before its first step
+        # read now, so that a bad data path stops the run before its first step
         if stage == TrainerFn.FITTING:
             self.datasets()
         elif stage == TrainerFn.VALIDATING:
             _ = self.val_dataset
+        elif stage == TrainerFn.TESTING:
+            _ = self.test_dataset
+        elif stage == TrainerFn.PREDICTING:
+            _ = self.prompts
         if stage == TrainerFn.FITTING:
-            self._warn_of_unknown_characters()
+            self._warn_of_unknown_characters(self.train_dataset, "training")
             self._check_monitors()
+        elif stage == TrainerFn.VALIDATING:
+            self._warn_of_unknown_characters(self.val_dataset, "validation")
+        elif stage == TrainerFn.TESTING:
+            self._warn_of_unknown_characters(self.test_dataset, "test")
         if self.trainer is None or not self.trainer.loggers:  # no logger, no log folder (not the working directory)
             return
         log_dir = self.trainer.log_dir  # on every rank: under DDP, reading it is a collective broadcast
@@ -605,22 +639,35 @@ class TextDataModule(L.LightningDataModule):
                     "drop the EarlyStopping callback."
                 )
 
-    def _warn_of_unknown_characters(self) -> None:
-        """Warns when over 1% of the training text becomes ``<unk>``: a vocabulary from another corpus
-        (``tokenizer_path``), or a ``min_freq`` or ``vocab_size`` that drops many characters."""
-        corpus = self.train_dataset.corpus
+    def _warn_of_unknown_characters(self, dataset: TextDataset | None, split: str) -> None:
+        """Warns when over 1% of a split's text becomes ``<unk>``: a vocabulary from another corpus
+        (``tokenizer_path``: fine-tuning, or a checkpoint's for validate and test), or a ``min_freq`` or
+        ``vocab_size`` that drops many characters."""
+        if dataset is None:
+            return
+        corpus = dataset.corpus
         characters = len(corpus.tokens) - 2 * len(corpus)  # each document's <bos> and <eos> are not text
         unknown = int(np.count_nonzero(corpus.tokens == self.tokenizer.unk_token_id))
-        if characters and unknown / characters > 0.01:
-            cause = (
-                f"data.tokenizer_path={self.hparams.tokenizer_path} lacks them"
-                if self.hparams.tokenizer_path
-                else f"data.min_freq={self.hparams.min_freq} or the vocabulary's size cap drops them"
+        if not characters or unknown / characters <= 0.01:
+            return
+        if self.hparams.tokenizer_path:
+            cause = f"the vocabulary of data.tokenizer_path={self.hparams.tokenizer_path} lacks them"
+            fix = (
+                "A model that is to write them needs a vocabulary built from this text: a new run, without "
+                "data.tokenizer_path and model.initial_checkpoint."
             )
-            rank_zero_warn(
-                f"{unknown / characters:.1%} of the training characters ({unknown:,} of {characters:,}) are read as "
-                f"<unk>: {cause}. The model learns nothing of them and writes <unk> in their place."
-            )
+        else:
+            cause = f"data.min_freq={self.hparams.min_freq} or the vocabulary's size cap (data.vocab_size) drops them"
+            fix = "Lower data.min_freq, or raise data.vocab_size, to keep them."
+        effect = (
+            "The model learns nothing of them and writes <unk> in their place."
+            if split == "training"
+            else "The loss counts each as the one token <unk>, so it says little of this text."
+        )
+        rank_zero_warn(
+            f"{unknown / characters:.1%} of the {split} characters ({unknown:,} of {characters:,}) are read as "
+            f"<unk>: {cause}. {effect} {fix}"
+        )
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
         items: Dataset = LengthBuckets(dataset, self.batch_size, self.seed) if self.bucket_by_length else dataset
@@ -698,18 +745,10 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
 
     def test_dataloader(self) -> DataLoader:
-        if self.test_path is None:
-            raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
-        corpus = EncodedCorpus.encode(load_corpus(self.test_path, self.separator), self.tokenizer)
-        return self._loader(TextDataset(corpus, max_length=self.max_length, packing=self.packing), shuffle=False)
+        return self._loader(self.test_dataset, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        if self.predict_path is None:
-            raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
-        prompts = read_prompts(self.predict_path)
-        if not prompts:
-            raise ValueError(f"{self.predict_path} holds no prompt: write one prompt per line.")
-        return DataLoader(prompts, batch_size=self.batch_size, collate_fn=self.collate_prompts)
+        return DataLoader(self.prompts, batch_size=self.batch_size, collate_fn=self.collate_prompts)
 
     def collate_prompts(self, prompts: list[str]) -> dict[str, Any]:
         """Prompts after ``<bos>``, left-padded for batched generation."""

@@ -156,6 +156,7 @@ def write_hf_tokenizer(tokenizer: CharTokenizer, out: Path) -> None:
         "eos_token": tokenizer.eos_token,
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # "<eos>" in text is five characters, as CharTokenizer reads it
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -395,6 +395,12 @@ class Qwen3LightningModule(L.LightningModule):
         hp = self.hparams
         warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
         self._schedule = (warmup, int(total), hp.min_lr / hp.learning_rate)
+        if warmup >= total > self.trainer.global_step:
+            rank_zero_warn(
+                f"model.warmup_steps={hp.warmup_steps} is not shorter than this run's {int(total)} optimizer steps: "
+                "the learning rate never reaches model.learning_rate and never decays. Lower model.warmup_steps "
+                "(a fraction, such as 0.05, is that share of the run)."
+            )
         optimizer = self.optimizers(use_pl_optimizer=False)
         scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)
         rate = hp.learning_rate * self.lr_multiplier(scheduler.last_epoch)

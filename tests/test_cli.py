@@ -104,10 +104,11 @@ def test_generate_says_when_it_writes_past_the_trained_length(checkpoint, capsys
 )
 def test_generate_refuses_bad_input_clearly(checkpoint, args, message, capsys):
     # main() turns these errors into an exit with the message alone, no traceback, and nothing printed before
+    # (not the warning about writing past the trained length, for a length that is refused)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--ckpt_path", str(checkpoint), "--prompt", "春眠", *args])
     assert message in str(exit_info.value.code)
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize(
@@ -386,6 +387,21 @@ def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(chec
     for _ in range(2):  # an earlier prediction file is replaced
         main([*args, "--predict_writer.output_path", str(out)])
         assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "data", "message"),
+    [("test", [], r"test needs data: pass --data\.test_path"),
+     ("test", ["--data.test_path", "gone.txt"], r"data path gone.txt does not exist"),
+     ("predict", [], r"predict needs prompts: pass --data.predict_path"),
+     ("predict", ["--data.predict_path", "gone.txt"], r"gone.txt does not exist")],
+)  # fmt: skip
+def test_test_and_predict_without_their_data_write_nothing(checkpoint, tmp_path, command, data, message):
+    # refused before the run's log folder (its config.yaml and tokenizer.json) is made
+    corpus = checkpoint.parents[1] / "poems.txt"
+    with pytest.raises(SystemExit, match=message):
+        main(cli_args(command, corpus, tmp_path / "run", "--ckpt_path", str(checkpoint), *data))
+    assert not (tmp_path / "run").exists()
 
 
 def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):

@@ -645,17 +645,27 @@ def test_a_file_of_one_paragraph_is_told_about_the_separator(tmp_path):
     assert len(TextDataModule(train_path=str(path), separator="\\n").val_dataset.corpus) == 2  # 5% of 50 lines
 
 
-def test_fit_warns_when_much_of_the_text_is_unk(zh_docs, tmp_path):
+def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_path):
     path = tmp_path / "tokenizer.json"
     TextDataModule(texts=zh_docs[:1], val_split=0).tokenizer.save(path)
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(zh_docs[1:]), encoding="utf-8")
     with pytest.warns(UserWarning, match=r"\d+\.\d% of the training characters .* are read as <unk>: .*tokenizer_path"):
         TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(path)).setup("fit")
-    with pytest.warns(UserWarning, match=r"are read as <unk>: data.min_freq=2"):
+    with pytest.warns(UserWarning, match=r"are read as <unk>: data.min_freq=2 .* Lower data.min_freq"):
         TextDataModule(texts=zh_docs, val_split=0, min_freq=2).setup("fit")
+    # a checkpoint's vocabulary on other text: its loss says little of that text
+    with pytest.warns(UserWarning, match=r"of the validation characters .* a new run, without data.tokenizer_path"):
+        TextDataModule(val_path=str(other), tokenizer_path=str(path)).setup("validate")
+    with pytest.warns(UserWarning, match=r"of the test characters .* The loss counts each as the one token <unk>"):
+        TextDataModule(test_path=str(other), tokenizer_path=str(path)).setup("test")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TextDataModule(texts=zh_docs, val_split=0).setup("fit")  # every character known: no warning
-        TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(path)).setup("predict")  # not training
+        TextDataModule(test_path=str(other), texts=zh_docs, val_split=0).setup("test")
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("春眠\nX", encoding="utf-8")
+        TextDataModule(predict_path=str(prompts), tokenizer_path=str(path)).setup("predict")  # prompts: not text
 
 
 def test_tokenizer_path_that_is_a_folder_names_the_file_to_give(zh_docs, tmp_path):

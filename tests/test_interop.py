@@ -48,7 +48,8 @@ def test_exported_tokenizer_encodes_like_char_tokenizer(tmp_path):
     tokenizer = CharTokenizer().build_vocab([TEXT])
     export_pretrained(Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size)), tmp_path, tokenizer)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in (TEXT, "明月 unknown 字 \n\n  end", "", "  两个空格"):
+    # the special tokens' names in text are characters, as CharTokenizer reads them (not the tokens themselves)
+    for text in (TEXT, "明月 unknown 字 \n\n  end", "", "  两个空格", "明<eos>月<pad><bos>"):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
     # by default <bos> first, as the model was trained; and it decodes away
     assert hf_tok(TEXT)["input_ids"] == [tokenizer.bos_token_id, *tokenizer.encode(TEXT)]

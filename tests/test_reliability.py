@@ -188,6 +188,49 @@ def test_ckpt_path_best_and_last_are_the_run_folders_files(corpus, tmp_path, cap
         main(["validate", *fit_args(corpus, tmp_path / "other")[1:]])
 
 
+def test_ckpt_path_last_without_a_last_ckpt_names_the_checkpoints_there(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "9"))
+    (run / "checkpoints/last.ckpt").unlink()  # (or a run with checkpoint.save_last false)
+    with pytest.raises(SystemExit, match=r"there is no .*last.ckpt, but its folder holds an earlier run's best.ckpt"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "12", "--ckpt_path", "last"))
+    main(fit_args(corpus, run, "--trainer.max_steps", "12", "--ckpt_path", str(run / "checkpoints/best.ckpt")))
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_resuming_past_max_epochs_is_refused_clearly(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_epochs", "2"))
+    with pytest.raises(SystemExit, match=r"last.ckpt has trained 2 epochs, more than trainer.max_epochs=1\. To train"):
+        main(fit_args(corpus, run, "--trainer.max_epochs", "1", "--ckpt_path", "last"))
+    assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # refused before its log folder
+
+
+def best_score(checkpoint: Path) -> tuple[float, str]:
+    """The best val_loss and best.ckpt path that a checkpoint's ``checkpoint`` callback holds."""
+    states = torch.load(checkpoint, weights_only=True)["callbacks"].values()
+    state = next(s for s in states if s.get("monitor") == "val_loss")
+    return float(state["best_model_score"]), state["best_model_path"]
+
+
+def test_a_moved_run_folder_keeps_its_best_checkpoint(corpus, tmp_path):
+    # the checkpoint holds its folder's absolute path; where that changed (a renamed project, runs carried to a
+    # GPU machine), Lightning would forget the best score, and the next validation's model would be best.ckpt
+    main(fit_args(corpus, tmp_path / "run", "--trainer.max_epochs", "2"))
+    best, _ = best_score(tmp_path / "run/checkpoints/best.ckpt")
+    best_step = torch.load(tmp_path / "run/checkpoints/best.ckpt", weights_only=True)["global_step"]
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    # an epoch at a rate that wrecks the model: a validation far worse than the best
+    wreck = ["--model.learning_rate", "1.0", "--model.min_lr", "1.0", "--model.warmup_steps", "0"]
+    main(fit_args(corpus, moved, "--trainer.max_epochs", "3", *wreck, "--ckpt_path", "last"))
+    with open(moved / "logs/version_1/metrics.csv", encoding="utf-8") as f:
+        resumed = [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+    assert resumed and min(resumed) > best + 1  # the case in question: no better model came
+    assert torch.load(moved / "checkpoints/best.ckpt", weights_only=True)["global_step"] == best_step
+    assert best_score(moved / "checkpoints/last.ckpt") == (pytest.approx(best), str(moved / "checkpoints/best.ckpt"))
+
+
 @pytest.mark.parametrize("named", ["last", "by-path"])
 def test_a_resumed_run_trains_with_its_own_learning_rate(corpus, tmp_path, named):
     run = tmp_path / "run"
@@ -580,18 +623,22 @@ def test_overwrite_refusal_covers_every_checkpoint_folder_and_lets_resumes_throu
     refuse_to_overwrite(None, str(root), dirpaths)
 
 
-def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path):
+@pytest.mark.parametrize("named", ["last", "by-path"])
+def test_resuming_with_another_model_shape_is_refused(corpus, tmp_path, named):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
     before = (run / "checkpoints/last.ckpt").read_bytes()
     deeper = SMALL.replace("num_decoder_layer: 1", "num_decoder_layer: 3")
     refused = r"the checkpoint's model is not this run's: num_decoder_layer=1 \(this run: 3\)"
+    # a checkpoint named by its path, which LightningCLI reads the hyperparameters of: refused too, not a resume
+    # that drops the flag in silence
+    ckpt = "last" if named == "last" else str(run / "checkpoints/last.ckpt")
     with pytest.raises(SystemExit, match=refused):
-        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", "last"))
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", deeper, "--ckpt_path", ckpt))
     assert (run / "checkpoints/last.ckpt").read_bytes() == before
     # what shapes no weight may change: more positions, for longer examples
     longer = SMALL.replace("max_position_embeddings: 64", "max_position_embeddings: 128")
-    main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", longer, "--ckpt_path", "last"))
+    main(fit_args(corpus, run, "--trainer.max_steps", "4", "--model.overrides", longer, "--ckpt_path", ckpt))
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 

@@ -211,6 +211,19 @@ def test_plain_trainer_without_the_cli(tmp_path):
     assert math.exp(end) == pytest.approx(trainer.callback_metrics["val_ppl"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("warmup", "warns"), [(6, True), (0.99, True), (5, False)])
+def test_a_warmup_as_long_as_the_run_is_flagged(tmp_path, warmup, warns):
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1}, warmup_steps=warmup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=6, default_root_dir=tmp_path).fit(model, data)
+    said = [str(w.message) for w in caught if "warmup_steps" in str(w.message)]
+    assert said == ([f"model.warmup_steps={warmup} is not shorter than this run's 6 optimizer steps: the learning rate "
+                     "never reaches model.learning_rate and never decays. Lower model.warmup_steps (a fraction, "
+                     "such as 0.05, is that share of the run)."] if warns else [])  # fmt: skip
+
+
 def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
     model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
