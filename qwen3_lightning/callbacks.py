@@ -49,14 +49,13 @@ class Checkpoint(ModelCheckpoint):
             state_dict = {**state_dict, "dirpath": self.dirpath, **self._moved_paths(state_dict)}
         super().load_state_dict(state_dict)
 
-    def _saved_files(self, state_dict: dict[str, Any]) -> list[str]:
-        paths = [*state_dict.get("best_k_models", {}), state_dict.get("best_model_path", "")]
-        return [p for p in paths if p and Path(p).parent == Path(state_dict["dirpath"])]
-
     def _holds_the_files_of(self, state_dict: dict[str, Any]) -> bool:
         """Whether this folder holds the files the saved one did (if any): the same run's folder, moved. (A
-        resume into another run's folder is refused before; a new folder holds none, and starts a new best.)"""
-        return all((Path(self.dirpath) / Path(p).name).is_file() for p in self._saved_files(state_dict))
+        resume into another run's folder is refused before; a new folder holds none, and starts a new best; so
+        do paths this system cannot read as the saved folder's, such as another OS's.)"""
+        saved = Path(state_dict["dirpath"])
+        paths = [Path(p) for p in [*state_dict.get("best_k_models", {}), state_dict.get("best_model_path")] if p]
+        return all(p.parent == saved and (Path(self.dirpath) / p.name).is_file() for p in paths)
 
     def _moved_paths(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The saved paths that lay in the saved folder, as the same names in this one."""

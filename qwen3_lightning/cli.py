@@ -122,7 +122,7 @@ class Qwen3CLI(LightningCLI):
                 "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
             )
         initial = config.model.initial_checkpoint
-        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial)
+        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial, root)
         if initial is not None and config.ckpt_path is not None:
             config.model.initial_checkpoint = None  # the weights come from ckpt_path: the file is not even read
         elif initial is not None:
@@ -161,18 +161,24 @@ class Qwen3CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Where LightningCLI would take all of a checkpoint file's model hyperparameters over the command
         line's, takes only its shape (``model.preset`` and ``model.overrides``, so that validate, test and
-        predict need no model flags): the learning rate and every other setting stay this command's. Not for a
-        resumed fit: there a shape the command gives that differs from the checkpoint's is refused, whether the
-        checkpoint is named by its path or as ``last``, rather than dropped in silence. Without a ``ckpt_path``
-        file (and in fit), the shape of ``model.initial_checkpoint``, the model a fine-tuning run starts from."""
+        predict need no model flags): the learning rate and every other setting stay this command's.
+
+        A fit takes the shape of ``model.initial_checkpoint``, the model a fine-tuning run starts from (once
+        that file is gone, a resumed fine-tuning run takes its own checkpoint's), saying so where it differs
+        from the command's; otherwise the command's, which a resume checks against its checkpoint's (named by its
+        path or as ``last``), rather than dropping a flag in silence."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         from qwen3_lightning.interop import read_initial_checkpoint
 
         config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path") if subcommand != "fit" else None
-        source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else config.model.get("initial_checkpoint")
+        initial = config.model.get("initial_checkpoint")
+        if subcommand != "fit":
+            ckpt_path = config.get("ckpt_path")
+            source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else initial
+        else:
+            source = initial if initial is None or Path(initial).exists() else self._resume_file(config)
         if not source or not Path(source).exists():
             return
         try:
@@ -185,10 +191,19 @@ class Qwen3CLI(LightningCLI):
         before = model_shape(config.model)
         self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
         after = model_shape(self.config[subcommand].model)
-        if source != ckpt_path and before is not None and after != before:
+        if initial is not None and before is not None and after != before:
             names = [f.name for f in dataclasses.fields(after) if getattr(after, f.name) != getattr(before, f.name)]
             differ = [f"{n}={getattr(after, n)} (this command's: {getattr(before, n)})" for n in names]
-            rank_zero_warn(f"the model's shape comes from model.initial_checkpoint={source}: {', '.join(differ)}")
+            whence = f"model.initial_checkpoint={source}" if source == initial else f"the checkpoint resumed, {source}"
+            rank_zero_warn(f"the model's shape comes from {whence}: {', '.join(differ)}")
+
+    @staticmethod
+    def _resume_file(config: Any) -> str | None:
+        """The checkpoint file a fit resumes, ``last`` and ``best`` included, where one exists."""
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "best"):
+            ckpt_path = str(run_checkpoint(ckpt_path, config.checkpoint, config.trainer.get("default_root_dir")))
+        return ckpt_path if ckpt_path and Path(ckpt_path).is_file() else None
 
     def before_fit(self) -> None:
         # the data (read here when data.tokenizer_path defers it), the checkpoint's model shape and vocabulary:
@@ -272,25 +287,40 @@ def saved_vocabulary(path: str) -> tuple[bool, str | None]:
     return tokenizer_state(checkpoint) is not None, recorded
 
 
+def run_checkpoint(which: str, checkpoint: Any, root: str | None) -> Path:
+    """The run's ``best`` or ``last`` checkpoint file (``which``), where the CLI's ``checkpoint`` callback
+    writes it: its ``dirpath``, by default ``checkpoints/`` in the run's folder."""
+    folder = checkpoint.dirpath or Path(root or "runs", "checkpoints")
+    return Path(folder) / f"{checkpoint.filename if which == 'best' else 'last'}.ckpt"
+
+
 def resolve_ckpt_path(
-    subcommand: str, ckpt_path: str | None, checkpoint: Any, initial_checkpoint: str | None = None
+    subcommand: str,
+    ckpt_path: str | None,
+    checkpoint: Any,
+    initial_checkpoint: str | None = None,
+    root: str | None = None,
 ) -> str | None:
     """``--ckpt_path best`` and ``last`` as the files of this run's folder, which Lightning, in a new process,
     would not find for ``best``. ``fit --ckpt_path last`` with no last.ckpt yet starts a new run (so that one
-    command both starts and resumes a job), saying where it looked; otherwise a missing file is an error."""
+    command both starts and resumes a job), saying where it looked, unless the folder holds other checkpoints
+    (a SLURM requeue's ``hpc_ckpt_*.ckpt`` in ``root`` aside, which Lightning resumes itself); otherwise a
+    missing file is an error."""
     if ckpt_path is None and initial_checkpoint is None and subcommand in ("validate", "test", "predict"):
         rank_zero_warn(f"{subcommand} without --ckpt_path uses a new, untrained model; give a checkpoint to use.")
     if ckpt_path not in ("best", "last"):
         return ckpt_path
-    file = Path(checkpoint.dirpath) / f"{checkpoint.filename if ckpt_path == 'best' else 'last'}.ckpt"
+    file = run_checkpoint(ckpt_path, checkpoint, root)
     if file.is_file():
         return str(file)
-    others = sorted(p.name for p in file.parent.glob("*.ckpt")) if file.parent.is_dir() else []
-    if subcommand == "fit" and ckpt_path == "last" and others:
+    requeued = root is not None and any(Path(root).glob("hpc_ckpt_*.ckpt"))
+    others = checkpoints_in(file.parent)
+    if subcommand == "fit" and ckpt_path == "last" and others and not requeued:
         raise FileNotFoundError(
-            f"--ckpt_path last: there is no {file}, but its folder holds an earlier run's {', '.join(others[:4])}. "
-            f"Resume from one of them by its path (--ckpt_path {file.parent / others[0]}), start a new run "
-            "elsewhere with --trainer.default_root_dir, or delete the folder to start over."
+            f"--ckpt_path last: there is no {file}, but its folder holds an earlier run's "
+            f"{', '.join(p.name for p in others[:4])}. Resume from one of them by its path (the newest: --ckpt_path "
+            f"{others[0]}), start a new run elsewhere with --trainer.default_root_dir, or delete the folder to "
+            "start over."
         )
     if subcommand == "fit" and ckpt_path == "last":
         rank_zero_warn(f"--ckpt_path last: there is no {file} yet, so this run starts from step 0.")
@@ -315,14 +345,23 @@ def refuse_to_overwrite(ckpt_path: str | None, root: str, dirpaths: list[str]) -
     )
     if resumes or any(Path(root).glob("hpc_ckpt_*.ckpt")):
         return
-    earlier = sorted({p.name for folder in folders for p in folder.glob("*.ckpt")})
+    earlier = checkpoints_in(*folders)
     if earlier:
         where = ", ".join(sorted({str(Path(d)) for d in dirpaths}))
+        names = ", ".join(sorted({p.name for p in earlier})[:4])
+        last = next((p for p in earlier if p.name == "last.ckpt"), None)
+        resume = "--ckpt_path last" if last else f"--ckpt_path {earlier[0]} (the newest)"
         raise ValueError(
-            f"{where} holds the checkpoints of an earlier run ({', '.join(earlier[:4])}), which this run would "
-            "overwrite. Continue that run with --ckpt_path last, start this one elsewhere with "
-            "--trainer.default_root_dir, or delete the folder to start over."
+            f"{where} holds the checkpoints of an earlier run ({names}), which this run would overwrite. Continue "
+            f"that run with {resume}, start this one elsewhere with --trainer.default_root_dir, or delete the "
+            "folder to start over."
         )
+
+
+def checkpoints_in(*folders: Path) -> list[Path]:
+    """The .ckpt files of ``folders``, newest first."""
+    found = {p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")}
+    return sorted(found, key=lambda p: -p.stat().st_mtime)
 
 
 def generate(

@@ -482,8 +482,8 @@ class TextDataModule(L.LightningDataModule):
         self._train_set: TextDataset | None = None
         self._val_set: TextDataset | None = None
         self._val_ready = False
-        self._test_set: TextDataset | None = None
-        self._prompts: list[str] | None = None
+        self._test_set: tuple[Any, TextDataset] | None = None  # (test_path, its examples)
+        self._prompts: tuple[Any, list[str]] | None = None
         if tokenizer_path is not None:
             # the training text is read when a stage needs it (fit, validate): test and predict need none
             self.tokenizer = load_tokenizer(tokenizer_path)
@@ -577,45 +577,44 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def test_dataset(self) -> TextDataset:
-        """The examples of ``test_path``, encoded on first use."""
-        if self._test_set is None:
-            if self.test_path is None:
-                raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
+        """The examples of ``test_path``, encoded on first use (and again for another ``test_path``)."""
+        if self.test_path is None:
+            raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
+        if self._test_set is None or self._test_set[0] != self.test_path:
             corpus = EncodedCorpus.encode(load_corpus(self.test_path, self.separator), self.tokenizer)
-            self._test_set = TextDataset(corpus, max_length=self.max_length, packing=self.packing)
-        return self._test_set
+            self._test_set = self.test_path, TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+        return self._test_set[1]
 
     @property
     def prompts(self) -> list[str]:
-        """The prompts of ``predict_path``, read on first use."""
-        if self._prompts is None:
-            if self.predict_path is None:
-                raise ValueError(
-                    "predict needs prompts: pass --data.predict_path, a text file with one prompt per line."
-                )
+        """The prompts of ``predict_path``, read on first use (and again for another ``predict_path``)."""
+        if self.predict_path is None:
+            raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
+        if self._prompts is None or self._prompts[0] != self.predict_path:
             prompts = read_prompts(self.predict_path)
             if not prompts:
                 raise ValueError(f"{self.predict_path} holds no prompt: write one prompt per line.")
-            self._prompts = prompts
-        return self._prompts
+            self._prompts = self.predict_path, prompts
+        return self._prompts[1]
 
     def setup(self, stage: str) -> None:
         self._resume = self._origin = None  # a checkpoint's position is restored after this, for this fit only
-        # read now, so that a bad data path stops the run before its first step
+        # read now, so that a bad data path stops the run before its first step. (Without test_path or
+        # predict_path, the run may bring its own data loaders: only this module's say that one is missing.)
         if stage == TrainerFn.FITTING:
             self.datasets()
         elif stage == TrainerFn.VALIDATING:
             _ = self.val_dataset
-        elif stage == TrainerFn.TESTING:
+        elif stage == TrainerFn.TESTING and self.test_path is not None:
             _ = self.test_dataset
-        elif stage == TrainerFn.PREDICTING:
+        elif stage == TrainerFn.PREDICTING and self.predict_path is not None:
             _ = self.prompts
         if stage == TrainerFn.FITTING:
             self._warn_of_unknown_characters(self.train_dataset, "training")
             self._check_monitors()
         elif stage == TrainerFn.VALIDATING:
             self._warn_of_unknown_characters(self.val_dataset, "validation")
-        elif stage == TrainerFn.TESTING:
+        elif stage == TrainerFn.TESTING and self.test_path is not None:
             self._warn_of_unknown_characters(self.test_dataset, "test")
         if self.trainer is None or not self.trainer.loggers:  # no logger, no log folder (not the working directory)
             return

@@ -398,8 +398,8 @@ class Qwen3LightningModule(L.LightningModule):
         if warmup >= total > self.trainer.global_step:
             rank_zero_warn(
                 f"model.warmup_steps={hp.warmup_steps} is not shorter than this run's {int(total)} optimizer steps: "
-                "the learning rate never reaches model.learning_rate and never decays. Lower model.warmup_steps "
-                "(a fraction, such as 0.05, is that share of the run)."
+                "the learning rate rises for the whole run (to model.learning_rate at most) and never decays. "
+                "Lower model.warmup_steps (a fraction, such as 0.05, is that share of the run)."
             )
         optimizer = self.optimizers(use_pl_optimizer=False)
         scheduler.base_lrs = [hp.learning_rate] * len(optimizer.param_groups)

@@ -297,13 +297,21 @@ def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_p
     assert not (tmp_path / "a").exists()
     # the model's shape is the checkpoint's, whatever the command says, with a warning when it says otherwise
     wider = "{num_decoder_layer: 1, hidden_size: 64, intermediate_size: 64, max_position_embeddings: 64}"
+    initial.write_bytes(checkpoint.read_bytes())
+    tune = cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(initial))
+    tune += ["--model.overrides", wider]
     with pytest.warns(
         UserWarning, match=r"shape comes from model\.initial_checkpoint=.*hidden_size=32 \(this command's: 64\)"
     ):
-        main([*cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(checkpoint)),
-              "--model.overrides", wider, "--trainer.max_steps", "1"])  # fmt: skip
+        main([*tune, "--trainer.max_steps", "1"])
     b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
     assert b["hyper_parameters"]["overrides"] == start["hyper_parameters"]["overrides"]
+    # and so does the same command resumed once the initial file is gone: from the run's own checkpoint
+    initial.unlink()
+    for step, resumed in ((2, "last"), (3, str(tmp_path / "b/checkpoints/last.ckpt"))):
+        with pytest.warns(UserWarning, match=r"shape comes from the checkpoint resumed, .*last.ckpt: hidden_size=32"):
+            main([*tune, "--trainer.max_steps", str(step), "--ckpt_path", resumed])
+        assert torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)["global_step"] == step
     # a vocabulary of the command's own is refused, naming data.tokenizer_path
     own = tmp_path / "own_tokenizer.json"
     TextDataModule(train_path=str(other)).tokenizer.save(own)

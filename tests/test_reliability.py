@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from qwen3_lightning.callbacks import ResumeCheckpoint
-from qwen3_lightning.cli import main, refuse_to_overwrite
+from qwen3_lightning.cli import main, refuse_to_overwrite, resolve_ckpt_path
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
 from qwen3_lightning.module import Qwen3LightningModule
@@ -196,6 +197,12 @@ def test_ckpt_path_last_without_a_last_ckpt_names_the_checkpoints_there(corpus, 
         main(fit_args(corpus, run, "--trainer.max_steps", "12", "--ckpt_path", "last"))
     main(fit_args(corpus, run, "--trainer.max_steps", "12", "--ckpt_path", str(run / "checkpoints/best.ckpt")))
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
+    # a SLURM requeue, which resumes Lightning's hpc_ckpt_*.ckpt in the run's folder itself, goes through
+    (run / "checkpoints/last.ckpt").unlink()
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    checkpoint = SimpleNamespace(dirpath=str(run / "checkpoints"), filename="best")
+    with pytest.warns(UserWarning, match="there is no .*last.ckpt yet"):
+        assert resolve_ckpt_path("fit", "last", checkpoint, None, str(run)) is None
 
 
 def test_resuming_past_max_epochs_is_refused_clearly(corpus, tmp_path):

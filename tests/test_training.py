@@ -219,9 +219,25 @@ def test_a_warmup_as_long_as_the_run_is_flagged(tmp_path, warmup, warns):
         warnings.simplefilter("always")
         quiet_trainer(max_steps=6, default_root_dir=tmp_path).fit(model, data)
     said = [str(w.message) for w in caught if "warmup_steps" in str(w.message)]
-    assert said == ([f"model.warmup_steps={warmup} is not shorter than this run's 6 optimizer steps: the learning rate "
-                     "never reaches model.learning_rate and never decays. Lower model.warmup_steps (a fraction, "
-                     "such as 0.05, is that share of the run)."] if warns else [])  # fmt: skip
+    expected = (
+        f"model.warmup_steps={warmup} is not shorter than this run's 6 optimizer steps: the learning rate rises for "
+        "the whole run (to model.learning_rate at most) and never decays. Lower model.warmup_steps (a fraction, "
+        "such as 0.05, is that share of the run)."
+    )
+    assert said == ([expected] if warns else [])
+
+
+def test_test_and_predict_take_loaders_of_their_own_after_fitting_a_datamodule(tmp_path):
+    # Lightning sets up the fitted DataModule for test and predict too, with no test_path or predict_path
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1})
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    loader = torch.utils.data.DataLoader(data.train_dataset, batch_size=4, collate_fn=collate)
+    assert trainer.test(model, dataloaders=loader, verbose=False)[0]["test_loss"] > 0
+    prompts = torch.utils.data.DataLoader(["春眠"], collate_fn=data.collate_prompts)
+    model.generate_kwargs = {"max_new_tokens": 2}
+    assert [r["prompt"] for r in trainer.predict(model, dataloaders=prompts)[0]] == ["春眠"]
 
 
 def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
