@@ -603,19 +603,14 @@ class TextDataModule(L.LightningDataModule):
         # predict_path, the run may bring its own data loaders: only this module's say that one is missing.)
         if stage == TrainerFn.FITTING:
             self.datasets()
-        elif stage == TrainerFn.VALIDATING:
-            _ = self.val_dataset
-        elif stage == TrainerFn.TESTING and self.test_path is not None:
-            _ = self.test_dataset
-        elif stage == TrainerFn.PREDICTING and self.predict_path is not None:
-            _ = self.prompts
-        if stage == TrainerFn.FITTING:
             self._warn_of_unknown_characters(self.train_dataset, "training")
             self._check_monitors()
         elif stage == TrainerFn.VALIDATING:
             self._warn_of_unknown_characters(self.val_dataset, "validation")
         elif stage == TrainerFn.TESTING and self.test_path is not None:
             self._warn_of_unknown_characters(self.test_dataset, "test")
+        elif stage == TrainerFn.PREDICTING and self.predict_path is not None:
+            _ = self.prompts
         if self.trainer is None or not self.trainer.loggers:  # no logger, no log folder (not the working directory)
             return
         log_dir = self.trainer.log_dir  # on every rank: under DDP, reading it is a collective broadcast
