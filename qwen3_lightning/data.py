@@ -581,8 +581,7 @@ class TextDataModule(L.LightningDataModule):
         if self.test_path is None:
             raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
         if self._test_set is None or self._test_set[0] != self.test_path:
-            corpus = EncodedCorpus.encode(load_corpus(self.test_path, self.separator), self.tokenizer)
-            self._test_set = self.test_path, TextDataset(corpus, max_length=self.max_length, packing=self.packing)
+            self._test_set = self.test_path, self._dataset(load_corpus(self.test_path, self.separator))
         return self._test_set[1]
 
     @property
