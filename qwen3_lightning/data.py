@@ -643,12 +643,16 @@ class TextDataModule(L.LightningDataModule):
         unknown = int(np.count_nonzero(corpus.tokens == self.tokenizer.unk_token_id))
         if not characters or unknown / characters <= 0.01:
             return
+        tokenizer = self.tokenizer
         if self.hparams.tokenizer_path:
             cause = f"the vocabulary of data.tokenizer_path={self.hparams.tokenizer_path} lacks them"
             fix = (
                 "A model that is to write them needs a vocabulary built from this text: a new run, without "
                 "data.tokenizer_path and model.initial_checkpoint."
             )
+        elif tokenizer.min_freq <= 1 and tokenizer.vocab_size < (tokenizer.max_vocab_size or math.inf):  # none dropped
+            cause = "they do not occur in the training text, from which the vocabulary is built"
+            fix = "Train on text that holds them too (a larger or more varied training set)."
         else:
             cause = f"data.min_freq={self.hparams.min_freq} or the vocabulary's size cap (data.vocab_size) drops them"
             fix = "Lower data.min_freq, or raise data.vocab_size, to keep them."
@@ -671,7 +675,7 @@ class TextDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             shuffle=shuffle,
             seed=self.seed,
-            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            epoch_fn=self._current_epoch if trainer else None,
         )
         if shuffle and self._resume is not None and not self._resume.ended:
             sampler.resume_epoch, sampler.seen, sampler.end = self._resume.epoch, self._resume.seen, self._resume.end
@@ -685,20 +689,14 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Right padding needs no mask: under causal attention no real token sees the padding after it, and the
-        # loss skips padded positions. Without a mask, attention runs on its fastest (flash) kernels. Checked
-        # here, on the CPU, before the batch moves to the device, so that it costs no device sync.
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if mask is not None and "labels" in batch and bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        return batch
-
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_dataset, shuffle=True)
         if self._resume is not None:
             self._count_the_rest_of_the_epoch(loader, self._resume)
         return loader
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch  # a method, not a lambda: the loaders (and so the Trainer) stay picklable
 
     def _count_the_rest_of_the_epoch(self, loader: DataLoader, resume: ResumePoint) -> None:
         """Sets Lightning's count of the resumed epoch's batches so that it takes the rest of the epoch, as
@@ -754,6 +752,15 @@ class TextDataModule(L.LightningDataModule):
         for i, ids in enumerate(encoded):
             input_ids[i, width - len(ids) :], attention_mask[i, width - len(ids) :] = torch.tensor(ids), 1
         return {"prompts": prompts, "input_ids": input_ids, "attention_mask": attention_mask}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TextDataModule:
+        """Lightning's ``load_from_checkpoint``, with the checkpoint's vocabulary (as ``tokenizer_path``, unless
+        given): its saved hyperparameters leave out the ``vocab_size`` cap, and the vocabulary it built is in the
+        checkpoint anyway. The training text is then read only when a stage needs it."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            kwargs.setdefault("tokenizer_path", str(checkpoint_path))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"tokenizer": self.tokenizer.to_dict()}

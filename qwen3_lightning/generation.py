@@ -102,6 +102,13 @@ def decode_loop(
             f"attention_mask has shape {tuple(attention_mask.shape)}; it must match input_ids, "
             f"{tuple(input_ids.shape)} (1 for each prompt token, 0 for the left padding)."
         )
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        rows = torch.nonzero(attention_mask[:, -1] == 0).flatten().tolist()
+        raise ValueError(
+            f"attention_mask marks the last position of row(s) {rows[:8]} as padding: prompts must be left-padded "
+            "(padding first, then the prompt), since each row continues from its last position. "
+            "TextDataModule.collate_prompts pads them so."
+        )
     T = input_ids.shape[1]
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import warnings
 from typing import Any
 
 import lightning as L
@@ -18,8 +19,14 @@ from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
+from qwen3_lightning.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
+# this module's on_before_batch_transfer is meant to serve a DataModule's batches (it only drops a mask they do
+# not need); Lightning would say, once a run, that the module's hook is used rather than the DataModule's
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
+)
 
 
 def is_sharded(strategy: object) -> bool:
@@ -62,6 +69,44 @@ def normalize_epoch_progress(fit: dict[str, Any]) -> None:
         batches["is_last_batch"] = False
 
 
+def check_batch(batch: Any) -> None:
+    """Refuses a batch that is not what the loss reads: a dict of ``input_ids`` and ``labels`` (optionally
+    ``attention_mask``), two integer tensors of one (batch, length) shape."""
+    layout = (
+        "a dict of input_ids and labels (and optionally attention_mask), integer tensors of one (batch, length) "
+        "shape, as TextDataModule's batches are; labels[:, t] is the token after input_ids[:, t] (already "
+        "shifted, unlike transformers' labels), -100 where the loss skips a position"
+    )
+    if not isinstance(batch, dict) or not {"input_ids", "labels"} <= batch.keys():
+        got = f"a dict of {sorted(batch)}" if isinstance(batch, dict) else f"a {type(batch).__name__}"
+        raise ValueError(f"Qwen3LightningModule got {got} as a batch; it takes {layout}.")
+    ids, labels = batch["input_ids"], batch["labels"]
+    for name, t in (("input_ids", ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.is_floating_point() or t.is_complex():
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"the batch's {name} is {got}; Qwen3LightningModule takes {layout}.")
+    if ids.shape != labels.shape:
+        raise ValueError(
+            f"the batch's input_ids {tuple(ids.shape)} and labels {tuple(labels.shape)} differ in shape; "
+            f"Qwen3LightningModule takes {layout}."
+        )
+
+
+def describe_criterion(criterion: nn.Module) -> str:
+    """A loss module's class and its plain settings, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1, ...)``:
+    what a checkpoint records of the loss it was trained with (the module itself is not saved)."""
+    if not isinstance(criterion, nn.Module):  # a plain function works too
+        return f"{getattr(criterion, '__module__', '')}.{getattr(criterion, '__qualname__', repr(criterion))}"
+    cls = type(criterion)
+    settings = {
+        k: v
+        for k, v in sorted(vars(criterion).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, type(None)))
+    }
+    module = cls.__module__.replace("torch.nn.modules.loss", "torch.nn")
+    return f"{module}.{cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+
 def optimizer_settings(hparams: Any) -> dict[str, Any]:
     """The optimizer's hyperparameters among ``hparams``, lists (betas, as a checkpoint stores them) as tuples."""
     names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
@@ -70,6 +115,16 @@ def optimizer_settings(hparams: Any) -> dict[str, Any]:
 
 class Qwen3LightningModule(L.LightningModule):
     """Trains a ``Qwen3Transformer`` on next-token prediction.
+
+    The transformer, ``self.model``, is built by ``configure_model``, which the Trainer calls (under FSDP it is
+    built there on the meta device and then sharded); ``forward``, ``load_state_dict`` and
+    ``load_from_checkpoint`` build it too. To use the module outside a Trainer, e.g. to build an optimizer over
+    ``parameters()``, call ``configure_model()`` first.
+
+    Batches (``training_step``, ``validation_step``, ``test_step``) are dicts of ``input_ids`` and ``labels``
+    (optionally ``attention_mask``), integer tensors of shape (batch, length), as ``TextDataModule`` makes them:
+    the labels are already shifted (``labels[:, t]`` is the token after ``input_ids[:, t]``), and -100 marks
+    the positions the loss skips (padding). ``predict_step`` takes a ``TextDataModule``'s prompt batches.
 
     Args:
         preset: the model shape to start from (``Qwen3Config.from_preset``): tiny, small, medium, large,
@@ -85,6 +140,8 @@ class Qwen3LightningModule(L.LightningModule):
         fused: AdamW's fused kernel; None uses it where the device supports it.
         criterion: the loss, called as ``criterion(logits (N, vocab), labels (N,))`` with padding labelled
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
+            Not among the saved hyperparameters (a module): ``load_from_checkpoint`` takes it again as an
+            argument, and warns when the checkpoint was trained with another.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: compile the model with ``torch.compile``.
         initial_checkpoint: a training checkpoint (.ckpt), or a directory written by ``export``, whose weights
@@ -118,6 +175,11 @@ class Qwen3LightningModule(L.LightningModule):
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if overrides and "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+            raise ValueError(
+                f"overrides sets vocab_size={overrides['vocab_size']}, but the vocabulary's size is the vocab_size "
+                f"argument ({vocab_size}; the command line takes it from the data). Pass vocab_size=... instead."
+            )
         # the config is checked here, at construction, so a bad value fails before any data or weights load
         self.config = Qwen3Config.from_preset(preset, **{**(overrides or {}), "vocab_size": vocab_size})
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
@@ -132,6 +194,7 @@ class Qwen3LightningModule(L.LightningModule):
         self.generate_kwargs = check_generate_kwargs(generate_kwargs or {})
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.model: Qwen3Transformer | None = None
+        self.tokenizer: CharTokenizer | None = None  # a loaded checkpoint's, for predict_step without the DataModule
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.tokens_seen = 0
         self._sigterm = False
@@ -173,8 +236,6 @@ class Qwen3LightningModule(L.LightningModule):
     def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str, datamodule: Any = None) -> None:
         """Refuses an ``initial_checkpoint`` whose vocabulary is not the one the data is encoded with (this
         package's DataModule), or whose weights do not fit this model, naming what differs."""
-        from qwen3_lightning.tokenizer import CharTokenizer
-
         state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
         saved = checkpoint.get("hyper_parameters", {}).get("vocab_size")
         ours = getattr(datamodule, "tokenizer", None)
@@ -206,7 +267,15 @@ class Qwen3LightningModule(L.LightningModule):
         return flops if self.training else flops / 3
 
     def setup(self, stage: str) -> None:
-        max_length = getattr(self.trainer.datamodule, "max_length", None) if self._trainer else None
+        datamodule = self.trainer.datamodule if self._trainer else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if isinstance(data_vocab, int) and data_vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the data's vocabulary has {data_vocab} tokens, more than the model's vocab_size="
+                f"{self.config.vocab_size}: the ids past it have no embedding. Build the module with "
+                f"vocab_size={data_vocab} (the datamodule's vocab_size; the command line links the two)."
+            )
+        max_length = getattr(datamodule, "max_length", None)
         if max_length is not None and max_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"data.max_length={max_length} is longer than the model's max_position_embeddings="
@@ -245,9 +314,32 @@ class Qwen3LightningModule(L.LightningModule):
         return isinstance(plugin, MixedPrecision) and plugin.scaler is None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.configure_model()  # built already under a Trainer; this is for use outside one
         return self.model(input_ids, attention_mask=attention_mask)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self.configure_model()  # the weights need the transformer they belong to
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Right padding needs no mask: under causal attention no real token sees the padding after it, and the
+        # loss skips padded positions. Without a mask, attention runs on its fastest (flash) kernels. Checked
+        # here, on the CPU, before the batch moves to the device, so that it costs no device sync. (A hook of
+        # this module, not of the DataModule: another LightningModule gets TextDataModule's batches whole.)
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        labels = batch.get("labels") if mask is not None else None
+        if (
+            isinstance(labels, torch.Tensor)
+            and isinstance(mask, torch.Tensor)
+            and mask.shape == labels.shape
+            and bool((mask[:, 1:] <= mask[:, :-1]).all())
+            and bool((labels[mask == 0] == IGNORE_INDEX).all())
+        ):
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        return batch
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch(batch)
         self._last_batch_shape = tuple(batch["input_ids"].shape)
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         how = (
@@ -313,8 +405,22 @@ class Qwen3LightningModule(L.LightningModule):
         self.log("test_ppl", torch.exp(self.test_loss.compute()), sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records."""
-        tokenizer = self.trainer.datamodule.tokenizer
+        """Continues each prompt of the batch; returns ``{"prompt", "text"}`` records. The batch is one of
+        ``TextDataModule.predict_dataloader``'s: ``prompts``, and their ``input_ids`` and ``attention_mask``
+        after ``<bos>``, left-padded."""
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "predict_step needs the vocabulary to write text: predict with a TextDataModule, or load this "
+                "module with load_from_checkpoint (it keeps the checkpoint's vocabulary as module.tokenizer)."
+            )
+        if not isinstance(batch, dict) or not {"prompts", "input_ids", "attention_mask"} <= batch.keys():
+            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(
+                f"predict_step takes TextDataModule's prompt batches (a dict of prompts, input_ids and "
+                f"attention_mask, left-padded: TextDataModule.collate_prompts makes them); got {got}."
+            )
         ids = self.model.generate(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -387,8 +493,8 @@ class Qwen3LightningModule(L.LightningModule):
         if self.trainer.world_size > 1:
             self._note_sigterm_without_collectives()
         scheduler = self.lr_schedulers()
-        if scheduler is not self._scheduler:  # another's, such as Lightning's learning-rate finder: its own sweep
-            return
+        if self._scheduler is None or scheduler is not self._scheduler:
+            return  # a subclass's own optimizer, or another's scheduler (Lightning's learning-rate finder)
         total = self._run_length()
         if not math.isfinite(total):
             raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
@@ -439,6 +545,8 @@ class Qwen3LightningModule(L.LightningModule):
         handlers[handlers.index(connector._sigterm_notifier_fn)] = note
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 0 and batch_idx == 0 and isinstance(batch, dict):
+            self._check_labels_are_shifted(batch)
         loop = self.trainer.fit_loop.epoch_loop
         if self.automatic_optimization and loop._batches_that_stepped != self.global_step:
             # the step the loggers label rows with. Lightning (2.6) adds one to it when it resumes a checkpoint
@@ -446,12 +554,27 @@ class Qwen3LightningModule(L.LightningModule):
             # would be labelled one step too high
             loop._batches_that_stepped = self.global_step
 
+    def _check_labels_are_shifted(self, batch: dict[str, Any]) -> None:
+        """Warns when the first batch's labels are its inputs: transformers' convention (the model shifts them),
+        which would train this module, whose labels come shifted, to copy its input."""
+        ids, labels = batch.get("input_ids"), batch.get("labels")
+        if not (isinstance(ids, torch.Tensor) and isinstance(labels, torch.Tensor) and ids.shape == labels.shape):
+            return
+        real = labels != IGNORE_INDEX
+        if bool(real.any()) and bool((labels == ids)[real].all()):
+            rank_zero_warn(
+                "the first batch's labels equal its input_ids: this module takes labels already shifted "
+                "(labels[:, t] is the token after input_ids[:, t], as TextDataModule makes them), unlike "
+                "transformers' models, which shift them inside. As they are, the model learns to copy its input."
+            )
+
     def _is_sharded(self) -> bool:
         """Whether the strategy shards parameters (FSDP), rather than keeping a full copy per rank."""
         return self._trainer is not None and is_sharded(self.trainer.strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["criterion"] = describe_criterion(self.criterion)
         # the weights are in this checkpoint now: loading it (load_from_checkpoint, a resume) must not read the
         # initial one again, which may be gone. Where they came from is kept beside.
         hparams = checkpoint.get("hyper_parameters")
@@ -487,7 +610,18 @@ class Qwen3LightningModule(L.LightningModule):
             group["params"] = [renumber[i] for i in group["params"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from qwen3_lightning.interop import tokenizer_state
+
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        state = tokenizer_state(checkpoint)
+        if state is not None:
+            self.tokenizer = CharTokenizer.from_dict(state, source="the checkpoint")
+        saved, ours = checkpoint.get("criterion"), describe_criterion(self.criterion)
+        if saved is not None and saved != ours:
+            rank_zero_warn(
+                f"the checkpoint was trained with the loss {saved}; this module computes {ours}, so its losses are "
+                "not the checkpoint's. Pass the same criterion=... (or --model.criterion) to compare them."
+            )
         self._initialized_from = checkpoint.get("initialized_from")
         self._resumed_from = checkpoint.get("hyper_parameters") or {}
         self.check_resumable(checkpoint)

@@ -659,6 +659,9 @@ def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_pa
         TextDataModule(val_path=str(other), tokenizer_path=str(path)).setup("validate")
     with pytest.warns(UserWarning, match=r"of the test characters .* The loss counts each as the one token <unk>"):
         TextDataModule(test_path=str(other), tokenizer_path=str(path)).setup("test")
+    # no setting dropped them: they only occur in the validation text
+    with pytest.warns(UserWarning, match=r"validation characters .* <unk>: they do not occur in the training text"):
+        TextDataModule(texts=zh_docs[:1], val_path=str(other)).setup("validate")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TextDataModule(texts=zh_docs, val_split=0).setup("fit")  # every character known: no warning

@@ -131,6 +131,10 @@ def test_stream_yields_the_same_tokens(pair):
         ({"temperature": -0.5}, "temperature=-0.5 must be a finite number >= 0"),
         ({"temperature": float("inf")}, "temperature=inf must be a finite number"),
         ({"attention_mask": torch.ones(1, 4, dtype=torch.long)}, r"attention_mask has shape \(1, 4\); it must match"),
+        (
+            {"attention_mask": torch.tensor([[1, 1, 1, 0, 0]])},
+            r"marks the last position of row\(s\) \[0\] as padding: prompts must be left-padded",
+        ),
         ({"top_k": 0}, "top_k=0"),
         ({"top_p": 1.5}, "top_p=1.5"),
         ({"max_new_tokens": 60}, "exceeds the model's max_position_embeddings=64"),

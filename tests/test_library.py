@@ -1,0 +1,189 @@
+"""The modules used from Python, in a Lightning project of the user's own: the user's LightningModule on
+TextDataModule's batches, the user's loaders and optimizer on Qwen3LightningModule, checkpoints loaded back."""
+
+import pickle
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from conftest import POEMS
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qwen3_lightning.data import IGNORE_INDEX, TextDataModule, collate
+from qwen3_lightning.module import Qwen3LightningModule
+
+SHAPE = {"num_decoder_layer": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+SHAPE |= {"num_key_value_heads": 1, "head_dim": 16}
+DOCS = [*POEMS, "短"]  # one short document: its batch is right-padded
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def data_and_module(**module_kwargs) -> tuple[TextDataModule, Qwen3LightningModule]:
+    data = TextDataModule(texts=DOCS, val_split=0, max_length=32, batch_size=3)
+    module_kwargs = {"overrides": SHAPE, "vocab_size": data.vocab_size, "warmup_steps": 0, **module_kwargs}
+    return data, Qwen3LightningModule(**module_kwargs)
+
+
+class KeyRecorder(L.LightningModule):
+    """Another project's module: it reads the mask from TextDataModule's batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+        self.keys: list[set[str]] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.keys.append(set(batch))
+        return self.layer(batch["attention_mask"][:, :1].float()).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_another_module_gets_text_datamodules_batches_whole():
+    data, _ = data_and_module()
+    recorder = KeyRecorder()
+    quiet_trainer(max_epochs=1).fit(recorder, data)
+    assert len(recorder.keys) == 3 and all(k == {"input_ids", "labels", "attention_mask"} for k in recorder.keys)
+
+
+def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
+    data, module = data_and_module(overrides={**SHAPE, "num_decoder_layer": 2})
+    module.configure_model()
+    batch = collate([data.train_dataset[i] for i in (0, 1, 8)])  # the last row is right-padded
+    assert not batch["attention_mask"].all()
+    moved = module.on_before_batch_transfer(batch, 0)
+    assert "attention_mask" not in moved
+    grads = []
+    for b in (batch, moved):  # the same loss and gradients with and without the mask
+        module.zero_grad()
+        loss, _ = module._loss(b)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in module.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
+    assert "attention_mask" in module.on_before_batch_transfer(left, 0)
+    # padding with labels the loss counts: what the model computes there matters, so the mask stays
+    counted = dict(batch, labels=batch["labels"].clamp(min=0))
+    assert "attention_mask" in module.on_before_batch_transfer(counted, 0)
+
+
+class OwnOptimizer(Qwen3LightningModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_subclass_with_its_own_optimizer_and_no_schedule_trains_at_its_own_rate():
+    data, _ = data_and_module()
+    module = OwnOptimizer(overrides=SHAPE, vocab_size=data.vocab_size)
+    quiet_trainer(max_steps=2).fit(module, data)
+    assert module.global_step == 2
+    assert [g["lr"] for g in module.optimizers(use_pl_optimizer=False).param_groups] == [0.05]
+
+
+def test_a_model_smaller_than_the_datas_vocabulary_is_refused_before_training():
+    data, _ = data_and_module()
+    module = Qwen3LightningModule(overrides=SHAPE, vocab_size=data.vocab_size - 1)
+    with pytest.raises(ValueError, match=rf"the data's vocabulary has {data.vocab_size} tokens, more than the model"):
+        quiet_trainer(max_steps=1).fit(module, data)
+    assert module.global_step == 0
+    with pytest.raises(ValueError, match=r"overrides sets vocab_size=50, but the vocabulary's size is the vocab_size"):
+        Qwen3LightningModule(overrides={"vocab_size": 50}, vocab_size=1000)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ((torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)), "got a tuple as a batch"),
+        ({"input_ids": torch.ones(2, 4, dtype=torch.long)}, r"got a dict of \['input_ids'\] as a batch"),
+        ({"input_ids": torch.ones(2, 4), "labels": torch.ones(2, 4, dtype=torch.long)}, "input_ids is torch.float32"),
+        ({"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 3, dtype=torch.long)}, "differ"),
+        ({"input_ids": torch.ones(8, dtype=torch.long), "labels": torch.ones(8, dtype=torch.long)}, r"shape \(8,\)"),
+    ],
+    ids=["tuple", "no-labels", "float-ids", "shapes", "one-dimensional"],
+)
+def test_a_batch_of_another_layout_gets_a_clear_error(batch, message):
+    _, module = data_and_module()
+    with pytest.raises(ValueError, match=message) as error:
+        module.training_step(batch, 0)
+    assert "labels[:, t] is the token after input_ids[:, t]" in str(error.value)
+
+
+def test_unshifted_labels_are_flagged_at_the_first_step():
+    data, module = data_and_module()
+    batches = [collate([data.train_dataset[i] for i in range(3)])]
+    unshifted = [b["input_ids"].masked_fill(b["labels"] == IGNORE_INDEX, IGNORE_INDEX) for b in batches]
+    transformers_style = [dict(b, labels=labels) for b, labels in zip(batches, unshifted, strict=True)]
+    with pytest.warns(UserWarning, match="the first batch's labels equal its input_ids"):
+        quiet_trainer(max_steps=1).fit(module, DataLoader(transformers_style, batch_size=None))
+    _, module = data_and_module()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*labels equal")
+        quiet_trainer(max_steps=1).fit(module, DataLoader(batches, batch_size=None))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint of a capped vocabulary, trained with label smoothing."""
+    data = TextDataModule(texts=DOCS, val_split=0, max_length=32, batch_size=3, vocab_size=30)
+    module = Qwen3LightningModule(
+        overrides=SHAPE, vocab_size=data.vocab_size, criterion=nn.CrossEntropyLoss(label_smoothing=0.3)
+    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    return tmp_path / "model.ckpt", data
+
+
+def test_a_datamodule_loaded_from_a_checkpoint_has_its_vocabulary(checkpoint):
+    path, data = checkpoint
+    loaded = TextDataModule.load_from_checkpoint(path, texts=DOCS)
+    assert data.vocab_size == 30 and loaded.tokenizer == data.tokenizer
+
+
+def test_a_loaded_module_predicts_from_loaders_of_its_own(checkpoint):
+    path, data = checkpoint
+    module = Qwen3LightningModule.load_from_checkpoint(path, criterion=nn.CrossEntropyLoss(label_smoothing=0.3))
+    assert module.tokenizer == data.tokenizer
+    module.generate_kwargs = {"max_new_tokens": 3, "temperature": 0}
+    loader = DataLoader(["春眠", "床前明月"], batch_size=2, collate_fn=data.collate_prompts)
+    (records,) = quiet_trainer().predict(module, loader)
+    assert [r["prompt"] for r in records] == ["春眠", "床前明月"] and all(len(r["text"]) == 3 for r in records)
+    module.tokenizer = None
+    with pytest.raises(ValueError, match="predict_step needs the vocabulary to write text"):
+        quiet_trainer().predict(module, loader)
+
+
+def test_loading_with_another_loss_than_the_checkpoints_is_flagged(checkpoint):
+    path, _ = checkpoint
+    with pytest.warns(UserWarning, match=r"trained with the loss torch.nn.CrossEntropyLoss\(.*label_smoothing=0.3"):
+        Qwen3LightningModule.load_from_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained with the loss")
+        Qwen3LightningModule.load_from_checkpoint(path, criterion=nn.CrossEntropyLoss(label_smoothing=0.3))
+
+
+def test_a_module_outside_a_trainer_builds_its_model_when_first_used(checkpoint):
+    path, _ = checkpoint
+    state = torch.load(path, weights_only=True)["state_dict"]
+    module = Qwen3LightningModule(overrides=SHAPE, vocab_size=30)
+    module.load_state_dict(state)
+    assert torch.equal(module.model.lm_head.weight, state["model.lm_head.weight"])
+    fresh = Qwen3LightningModule(overrides=SHAPE, vocab_size=30)
+    assert fresh(torch.ones(1, 4, dtype=torch.long)).shape == (1, 4, 30)
+
+
+def test_the_datamodule_pickles_after_a_fit():
+    data, module = data_and_module()
+    quiet_trainer(max_steps=1).fit(module, data)
+    again = pickle.loads(pickle.dumps(data))
+    assert again.tokenizer == data.tokenizer
+    assert [len(x) for x, _ in again.train_dataset] == [len(x) for x, _ in data.train_dataset]
