@@ -13,7 +13,7 @@ import random
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -279,6 +279,23 @@ def collate(examples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_token_id:
     for i, (x, y) in enumerate(examples):
         input_ids[i, : len(x)], labels[i, : len(y)], attention_mask[i, : len(x)] = x, y, 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def without_needless_mask(batch: Any) -> Any:
+    """A training batch without its ``attention_mask`` when the mask only marks right padding that the loss
+    skips (labels of -100): a causal model computes the same loss without it."""
+    if not isinstance(batch, Mapping):
+        return batch
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if (
+        isinstance(mask, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and mask.shape == labels.shape
+        and bool((mask[:, 1:] <= mask[:, :-1]).all())
+        and bool((labels[mask == 0] == IGNORE_INDEX).all())
+    ):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 class LengthBuckets(Dataset):
@@ -689,6 +706,16 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Right padding needs no mask: under causal attention no real token sees the padding after it, and
+        # Qwen3LightningModule's loss skips padded positions. Without a mask, attention runs on its fastest
+        # (flash) kernels. Checked here, on the CPU, before the batch moves to the device, so that it costs no
+        # device sync. Other LightningModules get the batches whole.
+        from qwen3_lightning.module import Qwen3LightningModule
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return without_needless_mask(batch) if isinstance(module, Qwen3LightningModule) else batch
+
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_dataset, shuffle=True)
         if self._resume is not None:
@@ -758,7 +785,7 @@ class TextDataModule(L.LightningDataModule):
         """Lightning's ``load_from_checkpoint``, with the checkpoint's vocabulary (as ``tokenizer_path``, unless
         given): its saved hyperparameters leave out the ``vocab_size`` cap, and the vocabulary it built is in the
         checkpoint anyway. The training text is then read only when a stage needs it."""
-        if isinstance(checkpoint_path, (str, os.PathLike)):
+        if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():  # not a URL
             kwargs.setdefault("tokenizer_path", str(checkpoint_path))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 

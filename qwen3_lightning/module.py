@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -22,11 +22,6 @@ from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 from qwen3_lightning.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
-# this module's on_before_batch_transfer is meant to serve a DataModule's batches (it only drops a mask they do
-# not need); Lightning would say, once a run, that the module's hook is used rather than the DataModule's
-warnings.filterwarnings(
-    "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
-)
 
 
 def is_sharded(strategy: object) -> bool:
@@ -77,8 +72,8 @@ def check_batch(batch: Any) -> None:
         "shape, as TextDataModule's batches are; labels[:, t] is the token after input_ids[:, t] (already "
         "shifted, unlike transformers' labels), -100 where the loss skips a position"
     )
-    if not isinstance(batch, dict) or not {"input_ids", "labels"} <= batch.keys():
-        got = f"a dict of {sorted(batch)}" if isinstance(batch, dict) else f"a {type(batch).__name__}"
+    if not isinstance(batch, Mapping) or not {"input_ids", "labels"} <= batch.keys():
+        got = f"a dict of {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
         raise ValueError(f"Qwen3LightningModule got {got} as a batch; it takes {layout}.")
     ids, labels = batch["input_ids"], batch["labels"]
     for name, t in (("input_ids", ids), ("labels", labels)):
@@ -175,9 +170,9 @@ class Qwen3LightningModule(L.LightningModule):
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if overrides and "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
-            raise ValueError(
-                f"overrides sets vocab_size={overrides['vocab_size']}, but the vocabulary's size is the vocab_size "
+        if overrides and overrides.get("vocab_size", vocab_size) != vocab_size:  # warned, not refused: checkpoints
+            rank_zero_warn(  # written before 2026-12-01 may carry one, which was ignored then too
+                f"overrides.vocab_size={overrides['vocab_size']} is ignored: the vocabulary's size is the vocab_size "
                 f"argument ({vocab_size}; the command line takes it from the data). Pass vocab_size=... instead."
             )
         # the config is checked here, at construction, so a bad value fails before any data or weights load
@@ -321,23 +316,6 @@ class Qwen3LightningModule(L.LightningModule):
         self.configure_model()  # the weights need the transformer they belong to
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Right padding needs no mask: under causal attention no real token sees the padding after it, and the
-        # loss skips padded positions. Without a mask, attention runs on its fastest (flash) kernels. Checked
-        # here, on the CPU, before the batch moves to the device, so that it costs no device sync. (A hook of
-        # this module, not of the DataModule: another LightningModule gets TextDataModule's batches whole.)
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        labels = batch.get("labels") if mask is not None else None
-        if (
-            isinstance(labels, torch.Tensor)
-            and isinstance(mask, torch.Tensor)
-            and mask.shape == labels.shape
-            and bool((mask[:, 1:] <= mask[:, :-1]).all())
-            and bool((labels[mask == 0] == IGNORE_INDEX).all())
-        ):
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        return batch
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         check_batch(batch)
         self._last_batch_shape = tuple(batch["input_ids"].shape)
@@ -415,8 +393,8 @@ class Qwen3LightningModule(L.LightningModule):
                 "predict_step needs the vocabulary to write text: predict with a TextDataModule, or load this "
                 "module with load_from_checkpoint (it keeps the checkpoint's vocabulary as module.tokenizer)."
             )
-        if not isinstance(batch, dict) or not {"prompts", "input_ids", "attention_mask"} <= batch.keys():
-            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        if not isinstance(batch, Mapping) or not {"prompts", "input_ids", "attention_mask"} <= batch.keys():
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(
                 f"predict_step takes TextDataModule's prompt batches (a dict of prompts, input_ids and "
                 f"attention_mask, left-padded: TextDataModule.collate_prompts makes them); got {got}."
@@ -545,7 +523,7 @@ class Qwen3LightningModule(L.LightningModule):
         handlers[handlers.index(connector._sigterm_notifier_fn)] = note
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.global_step == 0 and batch_idx == 0 and isinstance(batch, dict):
+        if self.global_step == 0 and batch_idx == 0 and isinstance(batch, Mapping):
             self._check_labels_are_shifted(batch)
         loop = self.trainer.fit_loop.epoch_loop
         if self.automatic_optimization and loop._batches_that_stepped != self.global_step:
@@ -554,7 +532,7 @@ class Qwen3LightningModule(L.LightningModule):
             # would be labelled one step too high
             loop._batches_that_stepped = self.global_step
 
-    def _check_labels_are_shifted(self, batch: dict[str, Any]) -> None:
+    def _check_labels_are_shifted(self, batch: Mapping[str, Any]) -> None:
         """Warns when the first batch's labels are its inputs: transformers' convention (the model shifts them),
         which would train this module, whose labels come shifted, to copy its input."""
         ids, labels = batch.get("input_ids"), batch.get("labels")

@@ -3,6 +3,8 @@ TextDataModule's batches, the user's loaders and optimizer on Qwen3LightningModu
 
 import pickle
 import warnings
+from types import MappingProxyType
+from typing import Any
 
 import lightning as L
 import pytest
@@ -11,7 +13,7 @@ from conftest import POEMS
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qwen3_lightning.data import IGNORE_INDEX, TextDataModule, collate
+from qwen3_lightning.data import IGNORE_INDEX, TextDataModule, collate, without_needless_mask
 from qwen3_lightning.module import Qwen3LightningModule
 
 SHAPE = {"num_decoder_layer": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
@@ -46,11 +48,27 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Qwen3KeyRecorder(Qwen3LightningModule):
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.keys = [*getattr(self, "keys", []), set(batch)]
+        return super().training_step(batch, batch_idx)
+
+
+class OwnHook(TextDataModule):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return super().on_before_batch_transfer(batch, dataloader_idx)
+
+
 def test_another_module_gets_text_datamodules_batches_whole():
     data, _ = data_and_module()
     recorder = KeyRecorder()
     quiet_trainer(max_epochs=1).fit(recorder, data)
     assert len(recorder.keys) == 3 and all(k == {"input_ids", "labels", "attention_mask"} for k in recorder.keys)
+    # Qwen3LightningModule gets them without the mask, which only marks right padding; so from a subclass
+    for datamodule in (data, OwnHook(texts=DOCS, val_split=0, max_length=32, batch_size=3)):
+        module = Qwen3KeyRecorder(overrides=SHAPE, vocab_size=datamodule.vocab_size)
+        quiet_trainer(max_epochs=1).fit(module, datamodule)
+        assert len(module.keys) == 3 and all(k == {"input_ids", "labels"} for k in module.keys)
 
 
 def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
@@ -58,7 +76,7 @@ def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
     module.configure_model()
     batch = collate([data.train_dataset[i] for i in (0, 1, 8)])  # the last row is right-padded
     assert not batch["attention_mask"].all()
-    moved = module.on_before_batch_transfer(batch, 0)
+    moved = without_needless_mask(batch)
     assert "attention_mask" not in moved
     grads = []
     for b in (batch, moved):  # the same loss and gradients with and without the mask
@@ -70,10 +88,12 @@ def test_right_padding_needs_no_mask_and_left_padding_keeps_it():
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
-    assert "attention_mask" in module.on_before_batch_transfer(left, 0)
+    assert "attention_mask" in without_needless_mask(left)
     # padding with labels the loss counts: what the model computes there matters, so the mask stays
     counted = dict(batch, labels=batch["labels"].clamp(min=0))
-    assert "attention_mask" in module.on_before_batch_transfer(counted, 0)
+    assert "attention_mask" in without_needless_mask(counted)
+    # any mapping is a batch (transformers' BatchEncoding is one)
+    assert torch.equal(module._loss(MappingProxyType(batch))[0], grads[0][0])
 
 
 class OwnOptimizer(Qwen3LightningModule):
@@ -95,8 +115,9 @@ def test_a_model_smaller_than_the_datas_vocabulary_is_refused_before_training():
     with pytest.raises(ValueError, match=rf"the data's vocabulary has {data.vocab_size} tokens, more than the model"):
         quiet_trainer(max_steps=1).fit(module, data)
     assert module.global_step == 0
-    with pytest.raises(ValueError, match=r"overrides sets vocab_size=50, but the vocabulary's size is the vocab_size"):
-        Qwen3LightningModule(overrides={"vocab_size": 50}, vocab_size=1000)
+    # ignored, as it always was (older checkpoints may hold one), but now said
+    with pytest.warns(UserWarning, match=r"overrides.vocab_size=50 is ignored: the vocabulary's size is"):
+        assert Qwen3LightningModule(overrides={"vocab_size": 50}, vocab_size=1000).config.vocab_size == 1000
 
 
 @pytest.mark.parametrize(
@@ -147,6 +168,8 @@ def test_a_datamodule_loaded_from_a_checkpoint_has_its_vocabulary(checkpoint):
     path, data = checkpoint
     loaded = TextDataModule.load_from_checkpoint(path, texts=DOCS)
     assert data.vocab_size == 30 and loaded.tokenizer == data.tokenizer
+    # a URL is Lightning's to read, and the vocabulary is then built again: with its cap given, the same
+    assert TextDataModule.load_from_checkpoint(path.as_uri(), texts=DOCS, vocab_size=30).tokenizer == data.tokenizer
 
 
 def test_a_loaded_module_predicts_from_loaders_of_its_own(checkpoint):
