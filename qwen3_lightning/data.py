@@ -782,9 +782,11 @@ class TextDataModule(L.LightningDataModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TextDataModule:
-        """Lightning's ``load_from_checkpoint``, with the checkpoint's vocabulary (as ``tokenizer_path``, unless
-        given): its saved hyperparameters leave out the ``vocab_size`` cap, and the vocabulary it built is in the
-        checkpoint anyway. The training text is then read only when a stage needs it."""
+        """Lightning's ``load_from_checkpoint``; from a local file, with the checkpoint's vocabulary (as
+        ``tokenizer_path``, unless given): its saved hyperparameters leave out the ``vocab_size`` cap, and the
+        vocabulary it built is in the checkpoint anyway. The training text is then read only when a stage needs
+        it. From a URL, the vocabulary is built from the training text again (pass ``vocab_size`` if it was
+        capped) and checked against the checkpoint's."""
         if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():  # not a URL
             kwargs.setdefault("tokenizer_path", str(checkpoint_path))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
