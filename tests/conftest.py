@@ -1,8 +1,10 @@
 """Shared fixtures: small, self-contained Chinese corpora (nothing is downloaded or read from ../shared)."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ZH_DOCS = [
     "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",
@@ -39,3 +41,11 @@ def zh_corpus_file(tmp_path: Path, zh_docs: list[str]) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(zh_docs) + "\n", encoding="utf-8")
     return path
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker its share of the cores, in this process and in the processes its tests start
+    # (the same count in both, so that runs compared bit for bit compute alike)
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
