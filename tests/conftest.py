@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -27,6 +28,12 @@ POEMS = [
     "愿君多采撷，此物最相思。",
 ]
 """Eight one-line quatrains, for the training, distributed and reliability tests."""
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer for in-process fits: no checkpoints, bar or summary; no logger unless one is given."""
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.fixture

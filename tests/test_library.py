@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import POEMS
+from conftest import POEMS, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -19,11 +19,6 @@ from qwen3_lightning.module import Qwen3LightningModule
 SHAPE = {"num_decoder_layer": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
 SHAPE |= {"num_key_value_heads": 1, "head_dim": 16}
 DOCS = [*POEMS, "短"]  # one short document: its batch is right-padded
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def data_and_module(**module_kwargs) -> tuple[TextDataModule, Qwen3LightningModule]:

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import POEMS
+from conftest import POEMS, quiet_trainer
 
 from qwen3_lightning.callbacks import TextSampler, TokenThroughput, gpu_bf16_peak, matmul_flops
 from qwen3_lightning.cli import Qwen3CLI, main
@@ -65,12 +65,6 @@ def read_metrics(root: Path, version: int = 0) -> list[dict[str, str]]:
 
 def column(rows: list[dict[str, str]], name: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    """A Trainer for in-process fits: no checkpoints, bar or summary; no logger unless one is given."""
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def test_a_run_without_a_logger_writes_nothing_in_the_working_directory(tmp_path, monkeypatch):
