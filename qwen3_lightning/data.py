@@ -596,7 +596,10 @@ class TextDataModule(L.LightningDataModule):
     def test_dataset(self) -> TextDataset:
         """The examples of ``test_path``, encoded on first use (and again for another ``test_path``)."""
         if self.test_path is None:
-            raise ValueError("test needs data: pass --data.test_path (a .txt/.jsonl file or a folder of them).")
+            raise ValueError(
+                "test needs data: pass test_path (--data.test_path on the command line), a .txt/.jsonl file or a "
+                "folder of them."
+            )
         if self._test_set is None or self._test_set[0] != self.test_path:
             self._test_set = self.test_path, self._dataset(load_corpus(self.test_path, self.separator))
         return self._test_set[1]
@@ -605,7 +608,10 @@ class TextDataModule(L.LightningDataModule):
     def prompts(self) -> list[str]:
         """The prompts of ``predict_path``, read on first use (and again for another ``predict_path``)."""
         if self.predict_path is None:
-            raise ValueError("predict needs prompts: pass --data.predict_path, a text file with one prompt per line.")
+            raise ValueError(
+                "predict needs prompts: pass predict_path (--data.predict_path on the command line), a text file "
+                "with one prompt per line."
+            )
         if self._prompts is None or self._prompts[0] != self.predict_path:
             prompts = read_prompts(self.predict_path)
             if not prompts:

@@ -399,9 +399,9 @@ def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(chec
 
 @pytest.mark.parametrize(
     ("command", "data", "message"),
-    [("test", [], r"test needs data: pass --data\.test_path"),
+    [("test", [], r"test needs data: pass test_path \(--data\.test_path"),
      ("test", ["--data.test_path", "gone.txt"], r"data path gone.txt does not exist"),
-     ("predict", [], r"predict needs prompts: pass --data.predict_path"),
+     ("predict", [], r"predict needs prompts: pass predict_path \(--data.predict_path"),
      ("predict", ["--data.predict_path", "gone.txt"], r"gone.txt does not exist")],
 )  # fmt: skip
 def test_test_and_predict_without_their_data_write_nothing(checkpoint, tmp_path, command, data, message):
@@ -415,7 +415,7 @@ def test_test_and_predict_without_their_data_write_nothing(checkpoint, tmp_path,
 def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
     corpus = checkpoint.parents[1] / "poems.txt"
     args = cli_args("test", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--trainer.logger", "false")
-    with pytest.raises(SystemExit, match=r"test needs data: pass --data\.test_path"):
+    with pytest.raises(SystemExit, match=r"test needs data: pass test_path \(--data\.test_path"):
         main(args)
     main([*args, "--data.test_path", str(corpus)])
     out = capsys.readouterr().out
