@@ -16,6 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qwen3_lightning.generation import GENERATE_DEFAULTS
+
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +97,9 @@ class ResumeCheckpoint(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        # step 0: the first batches of a gradient-accumulation window, before any optimizer step
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -210,8 +214,8 @@ class TextSampler(L.Callback):
         self,
         prompts: list[str] | None = None,
         max_new_tokens: int = 64,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
+        temperature: float = GENERATE_DEFAULTS["temperature"],
+        top_k: int | None = GENERATE_DEFAULTS["top_k"],
         every_n_steps: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -254,7 +258,8 @@ class TextSampler(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step  # 0: within the first gradient-accumulation window, before any step
+        if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self.sample(trainer, pl_module, trainer.log_dir)
 
     # log_dir is read by the caller on every rank: under DDP, reading it is a collective broadcast

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.data import TextDataModule
+from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.module import Qwen3LightningModule
 
 
@@ -174,9 +175,8 @@ class Qwen3CLI(LightningCLI):
 
         config = self.config[subcommand]
         initial = config.model.get("initial_checkpoint")
-        if subcommand != "fit":
-            ckpt_path = config.get("ckpt_path")
-            source = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else initial
+        if subcommand != "fit":  # (`best` and `last` are not yet resolved to files here)
+            source = self._resume_file(config) or initial
         else:
             source = initial if initial is None or Path(initial).exists() else self._resume_file(config)
         if not source or not Path(source).exists():
@@ -199,7 +199,7 @@ class Qwen3CLI(LightningCLI):
 
     @staticmethod
     def _resume_file(config: Any) -> str | None:
-        """The checkpoint file a fit resumes, ``last`` and ``best`` included, where one exists."""
+        """The checkpoint file ``ckpt_path`` names, ``last`` and ``best`` included, where one exists."""
         ckpt_path = config.get("ckpt_path")
         if ckpt_path in ("last", "best"):
             ckpt_path = str(run_checkpoint(ckpt_path, config.checkpoint, config.trainer.get("default_root_dir")))
@@ -210,11 +210,11 @@ class Qwen3CLI(LightningCLI):
         # checked before anything is written (a log folder, its config.yaml and tokenizer.json); Lightning's FSDP
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
-        from qwen3_lightning.interop import read_initial_checkpoint
+        from qwen3_lightning.interop import read_initial_checkpoint, tokenizer_state
 
         resume = self.config.fit.ckpt_path
         initial = self.config.fit.model.initial_checkpoint
-        if resume is None and initial is not None:  # read and checked in before_instantiate_classes already
+        if resume is None and initial is not None:  # its vocabulary and shape, before the log folder is made
             self.model.check_initial_checkpoint(
                 read_initial_checkpoint(initial, weights=False), initial, self.datamodule
             )
@@ -234,9 +234,9 @@ class Qwen3CLI(LightningCLI):
                 f"trainer.max_epochs={max_epochs}. To train on, resume with --trainer.max_epochs above "
                 f"{epochs['completed']}; to evaluate or use that model, give it to validate, test or generate."
             )
-        state = checkpoint.get(type(self.datamodule).__qualname__)
-        if isinstance(state, dict) and "tokenizer" in state:
-            self.datamodule.check_vocabulary(state)
+        state = tokenizer_state(checkpoint)  # under the name of the DataModule's class, a subclass's too
+        if state is not None:
+            self.datamodule.check_vocabulary({"tokenizer": state})
 
     # each command's data, read before the log folder is made, as in before_fit
     def before_validate(self) -> None:
@@ -367,10 +367,10 @@ def checkpoints_in(*folders: Path) -> list[Path]:
 def generate(
     ckpt_path: str,
     prompt: str = "",
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
+    max_new_tokens: int = GENERATE_DEFAULTS["max_new_tokens"],
+    temperature: float = GENERATE_DEFAULTS["temperature"],
+    top_k: int | None = GENERATE_DEFAULTS["top_k"],
+    top_p: float | None = GENERATE_DEFAULTS["top_p"],
     num_samples: int = 1,
     seed: int | None = None,
     device: str = "auto",

@@ -148,14 +148,15 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> Qwen3Config:
-        """Reads a transformers Qwen3 ``config.json`` dict (transformers 4 or 5 layout)."""
+        """Reads a transformers Qwen3 ``config.json`` dict (transformers 4 or 5 layout). A field it leaves out
+        takes transformers' ``Qwen3Config`` default, so that both libraries build the same model from it."""
         model_type = d.get("model_type", "qwen3")
         if model_type != "qwen3":
             raise ValueError(f"config.json has model_type={model_type!r}; only 'qwen3' models can be loaded.")
         rope_theta = d.get("rope_theta")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope_theta is None:
-            rope_theta = rope.get("rope_theta", 1_000_000.0)
+            rope_theta = rope.get("rope_theta", 10_000.0)
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; only the default rotary embedding.")
         if d.get("hidden_act", "silu") != "silu":
@@ -175,13 +176,13 @@ class Qwen3Config:
             intermediate_size=d["intermediate_size"],
             num_decoder_layer=d["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            num_key_value_heads=d.get("num_key_value_heads", 32) or num_heads,  # null: as many as the heads
+            head_dim=d.get("head_dim", 128) or d["hidden_size"] // num_heads,
             attention_bias=d.get("attention_bias", False),
             rope_theta=float(rope_theta),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=d.get("max_position_embeddings", 40960),
-            tie_word_embeddings=d.get("tie_word_embeddings", True),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
             initializer_range=d.get("initializer_range", 0.02),
         )
 

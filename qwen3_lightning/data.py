@@ -421,7 +421,7 @@ class TextDataModule(L.LightningDataModule):
         vocab_size: the most vocabulary entries, the 4 special tokens included; None keeps every character.
             Not used with ``tokenizer_path``, nor is ``min_freq``: that vocabulary is taken as it is.
         min_freq: characters seen fewer times in the training split become ``<unk>``.
-        seed: seed of the validation split and of the length buckets.
+        seed: seed of the validation split, of the length buckets and of each epoch's shuffled order.
         separator: what separates documents in a .txt file (default ``\\n\\n``: a blank line); ``\\n`` and ``\\t``
             as typed on a command line mean a newline and a tab (``--data.separator '\\n'``: one document per
             line).

@@ -265,9 +265,9 @@ def stream_text(
     tokenizer: CharTokenizer,
     prompt: str,
     max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = GENERATE_DEFAULTS["temperature"],
+    top_k: int | None = GENERATE_DEFAULTS["top_k"],
+    top_p: float | None = GENERATE_DEFAULTS["top_p"],
     generator: torch.Generator | None = None,
     compile: bool | str = False,
 ) -> Iterator[str]:

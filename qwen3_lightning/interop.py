@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.generation import GENERATE_DEFAULTS
 
 if TYPE_CHECKING:
     from qwen3_lightning.model import Qwen3Transformer
@@ -79,7 +80,7 @@ def export_pretrained(
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # safetensors refuses shared storage; transformers re-ties on load
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    generation = {"do_sample": True, "temperature": 0.8, "top_k": 50}
+    generation = {"do_sample": True, **{k: GENERATE_DEFAULTS[k] for k in ("temperature", "top_k")}}
     if tokenizer is not None:
         ids = {
             "bos_token_id": tokenizer.bos_token_id,

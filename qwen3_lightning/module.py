@@ -132,13 +132,14 @@ class Qwen3LightningModule(L.LightningModule):
         weight_decay: AdamW weight decay of the matrices (norms, biases and embeddings get none).
         betas: AdamW's betas.
         eps: AdamW's epsilon.
-        fused: AdamW's fused kernel; None uses it where the device supports it.
+        fused: AdamW's fused kernel; None uses it on CPU and CUDA, except under a sharded strategy (FSDP) or
+            16-mixed precision.
         criterion: the loss, called as ``criterion(logits (N, vocab), labels (N,))`` with padding labelled
             -100; default ``nn.CrossEntropyLoss()``. In YAML: ``class_path`` and ``init_args`` of any nn.Module.
             Not among the saved hyperparameters (a module): ``load_from_checkpoint`` takes it again as an
             argument, and warns when the checkpoint was trained with another.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        compile: compile the model with ``torch.compile``.
+        compile: compile each decoder layer with ``torch.compile``.
         initial_checkpoint: a training checkpoint (.ckpt), or a directory written by ``export``, whose weights
             the model starts from, to fine-tune it on other text: a new run, with a fresh optimizer, schedule
             and step count. Its model must have this one's shape and vocabulary (the CLI takes both from it:
@@ -148,7 +149,7 @@ class Qwen3LightningModule(L.LightningModule):
             loading them never reads it again.
         generate_kwargs: sampling settings of the ``predict`` subcommand, passed to ``Qwen3Transformer.generate``:
             max_new_tokens, temperature, top_k, top_p, compile (default ``{max_new_tokens: 100,
-            temperature: 0.8, top_k: 50}``).
+            temperature: 0.8, top_k: 50}``, ``generation.GENERATE_DEFAULTS``).
     """
 
     def __init__(
@@ -231,12 +232,14 @@ class Qwen3LightningModule(L.LightningModule):
     def check_initial_checkpoint(self, checkpoint: dict[str, Any], path: str, datamodule: Any = None) -> None:
         """Refuses an ``initial_checkpoint`` whose vocabulary is not the one the data is encoded with (this
         package's DataModule), or whose weights do not fit this model, naming what differs."""
-        state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
+        from qwen3_lightning.interop import tokenizer_state
+
+        state = tokenizer_state(checkpoint)  # under the name of the DataModule's class, a subclass's too
         saved = checkpoint.get("hyper_parameters", {}).get("vocab_size")
         ours = getattr(datamodule, "tokenizer", None)
         how = "another size" if saved is not None and saved != self.config.vocab_size else None
-        if how is None and isinstance(state, dict) and "tokenizer" in state and isinstance(ours, CharTokenizer):
-            how = "the same size, in another order" if CharTokenizer.from_dict(state["tokenizer"]) != ours else None
+        if how is None and state is not None and isinstance(ours, CharTokenizer):
+            how = "the same size, in another order" if CharTokenizer.from_dict(state) != ours else None
         if how:
             raise ValueError(
                 f"model.initial_checkpoint={path} was trained on another vocabulary ({saved} tokens) than the one "
@@ -444,6 +447,11 @@ class Qwen3LightningModule(L.LightningModule):
         batch size did not take (with more processes, the schedule would end early)."""
         trainer = self.trainer
         batches, every = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if not math.isfinite(batches) and trainer.max_steps == -1:  # Lightning would count the run as -1 steps
+            raise ValueError(
+                "the training data loader has no length (an IterableDataset, say), so the number of steps an epoch "
+                "takes is unknown and so is the schedule's length: set trainer.max_steps (--trainer.max_steps)."
+            )
         if trainer.max_epochs in (None, -1) or not math.isfinite(batches):
             return trainer.estimated_stepping_batches
         fit, epoch, per_epoch = trainer.fit_loop, trainer.current_epoch, math.ceil(batches / every)
@@ -474,8 +482,6 @@ class Qwen3LightningModule(L.LightningModule):
         if self._scheduler is None or scheduler is not self._scheduler:
             return  # a subclass's own optimizer, or another's scheduler (Lightning's learning-rate finder)
         total = self._run_length()
-        if not math.isfinite(total):
-            raise ValueError("the schedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
         hp = self.hparams
         warmup = round(hp.warmup_steps * total) if isinstance(hp.warmup_steps, float) else hp.warmup_steps
         self._schedule = (warmup, int(total), hp.min_lr / hp.learning_rate)

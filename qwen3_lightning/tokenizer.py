@@ -76,7 +76,8 @@ class CharTokenizer:
         return ids[:max_length] if max_length is not None else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, unk: str | None = None) -> str:
-        """The text of ``ids``. ``skip_special_tokens`` drops ``<pad>``, ``<bos>``, ``<eos>`` and ``<unk>``. With
+        """The text of ``ids``. ``skip_special_tokens`` drops ``<pad>``, ``<bos>``, ``<eos>`` and ``<unk>``; an id
+        outside the vocabulary (a model with more rows than it) is written as ``<unk>`` even so, to be seen. With
         ``unk``, ``<unk>`` and ids outside the vocabulary are written as that text (e.g. "\ufffd") instead."""
         vocab, pieces = self.id_to_token, []
         for i in map(int, ids):

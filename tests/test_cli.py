@@ -368,10 +368,15 @@ def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint, tmp
     state = load_checkpoint(checkpoint)[1].to_dict()
     state["vocab"] = state["vocab"][:4] + state["vocab"][4:][::-1]
     CharTokenizer.from_dict(state).save(tmp_path / "shuffled.json")
-    data = TextDataModule(texts=["床前"], val_split=0, tokenizer_path=str(tmp_path / "shuffled.json"))
+
+    class OwnData(TextDataModule):  # a subclass: the checkpoint keeps the vocabulary under TextDataModule's name
+        pass
+
     module = Qwen3LightningModule(overrides=OVERRIDES_DICT, vocab_size=vocab, initial_checkpoint=str(checkpoint))
-    with pytest.raises(ValueError, match=rf"\({vocab} tokens, the same size, in another order\)"):
-        module.check_initial_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint), data)
+    for kind in (TextDataModule, OwnData):
+        data = kind(texts=["床前"], val_split=0, tokenizer_path=str(tmp_path / "shuffled.json"))
+        with pytest.raises(ValueError, match=rf"\({vocab} tokens, the same size, in another order\)"):
+            module.check_initial_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint), data)
 
 
 def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(checkpoint, tmp_path):
@@ -420,3 +425,14 @@ def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
     main([*args, "--data.test_path", str(corpus)])
     out = capsys.readouterr().out
     assert "test_loss" in out and "test_ppl" in out
+
+
+@pytest.mark.parametrize("named", ["last", "by-path"])
+def test_validate_takes_the_checkpoints_model_shape_without_model_flags(checkpoint, named, capsys):
+    # the run was trained with a one-layer model (--model.overrides); tiny.yaml alone names six layers
+    run = checkpoint.parents[1]
+    ckpt = "last" if named == "last" else str(checkpoint)
+    main(["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(run / "poems.txt"),
+          "--data.val_split", "0.25", "--data.max_length", "32", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--ckpt_path", ckpt])  # fmt: skip
+    assert "val_loss" in capsys.readouterr().out

@@ -97,6 +97,20 @@ def test_hf_config_is_accepted_by_transformers():
     assert Qwen3Config.from_hf_config(hf.to_dict()) == c
 
 
+@pytest.mark.parametrize("given", [{"num_key_value_heads": 2}, {"num_attention_heads": 32}])
+def test_hf_config_fields_left_out_take_transformers_defaults(given):
+    # a hand-written config.json: the fields that shape the weights, and not tie_word_embeddings, head_dim,
+    # rope_theta or max_position_embeddings, where transformers' defaults are not a reader's guess
+    transformers = pytest.importorskip("transformers")
+    d = {"model_type": "qwen3", "vocab_size": 99, "hidden_size": 64, "intermediate_size": 96}
+    d |= {"num_hidden_layers": 2, "num_attention_heads": 4, **given}
+    hf = transformers.Qwen3Config(**d)
+    c = Qwen3Config.from_hf_config(d)
+    theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
+    ours = (c.head_dim, c.num_key_value_heads, c.tie_word_embeddings, c.max_position_embeddings, c.rope_theta)
+    assert ours == (hf.head_dim, hf.num_key_value_heads, hf.tie_word_embeddings, hf.max_position_embeddings, theta)
+
+
 def test_other_model_types_are_refused():
     with pytest.raises(ValueError, match="model_type='llama'"):
         Qwen3Config.from_hf_config({"model_type": "llama"})

@@ -270,3 +270,24 @@ def test_generation_under_bf16_autocast(pair):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours.generate(prompts, 6, temperature=0, attention_mask=torch.ones_like(prompts))
     assert out.shape == (2, 11)
+
+
+def test_every_way_to_sample_text_starts_from_the_same_settings(tmp_path):
+    # the generate command, the samples during training, stream_text and an export's generation_config: what
+    # predict's generate_kwargs start from
+    import inspect
+    import json
+
+    from qwen3_lightning.callbacks import TextSampler
+    from qwen3_lightning.cli import generate
+    from qwen3_lightning.generation import GENERATE_DEFAULTS
+    from qwen3_lightning.interop import export_pretrained
+
+    expected = {"temperature": 0.8, "top_k": 50}
+    assert {k: GENERATE_DEFAULTS[k] for k in expected} == expected
+    for function in (generate, TextSampler.__init__, stream_text):
+        parameters = inspect.signature(function).parameters
+        assert {k: parameters[k].default for k in expected} == expected, function.__qualname__
+    export_pretrained(Qwen3Transformer(Qwen3Config.from_preset("tiny", vocab_size=16)), tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert {k: exported[k] for k in expected} == expected

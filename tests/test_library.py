@@ -205,3 +205,26 @@ def test_the_datamodule_pickles_after_a_fit():
     again = pickle.loads(pickle.dumps(data))
     assert again.tokenizer == data.tokenizer
     assert [len(x) for x, _ in again.train_dataset] == [len(x) for x, _ in data.train_dataset]
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Batches with no length, as a user's streaming loader gives them."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_a_loader_without_length_needs_max_steps_for_the_schedule():
+    data, module = data_and_module(warmup_steps=2, min_lr=1e-5)
+    data.setup("fit")
+    stream = DataLoader(Stream(list(data.train_dataloader())), batch_size=None)
+    # Lightning counts such a run, with max_epochs alone, as -1 steps: the rate would drop to min_lr after warmup
+    with pytest.raises(ValueError, match=r"the training data loader has no length .* set trainer.max_steps"):
+        quiet_trainer(max_epochs=1).fit(module, stream)
+    data, module = data_and_module(warmup_steps=2, min_lr=1e-5)
+    trainer = quiet_trainer(max_steps=8)
+    trainer.fit(module, DataLoader(Stream(list(data.train_dataloader()) * 4), batch_size=None))
+    assert trainer.global_step == 8 and module._schedule == (2, 8, 1e-5 / module.hparams.learning_rate)

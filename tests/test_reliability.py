@@ -456,6 +456,33 @@ def test_nan_loss_stops_the_run_without_saving_it(tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
+def test_gradient_accumulation_saves_and_samples_only_after_optimizer_steps(tmp_path, monkeypatch):
+    # with accumulate_grad_batches, the first batches end at global_step 0: no step has been taken yet
+    from qwen3_lightning.callbacks import TextSampler
+
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    saved, sampled = [], []
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda trainer, *a, **k: saved.append(trainer.global_step))
+    monkeypatch.setattr(TextSampler, "sample", lambda self, trainer, *a: sampled.append(trainer.global_step))
+    trainer = L.Trainer(
+        max_steps=4,
+        accumulate_grad_batches=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[
+            ResumeCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path)),
+            TextSampler(prompts=["春"], max_new_tokens=2, every_n_steps=2),
+        ],
+    )
+    trainer.fit(model, data)
+    assert trainer.global_step == 4
+    assert saved == [2, 4]
+    assert set(sampled) == {2, 4}  # sample() itself skips a step it has sampled at already
+
+
 # -- checkpoints load safely ----------------------------------------------------------------------------------
 
 
