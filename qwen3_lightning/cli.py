@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import signal
 import sys
 import traceback
@@ -25,6 +26,9 @@ from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.module import Qwen3LightningModule
+
+DEFAULT_ROOT = "runs"
+"""The run folder (``trainer.default_root_dir``) when none is given: logs and checkpoints go under it."""
 
 
 class FullOptionsParser(ArgumentParser):
@@ -61,7 +65,7 @@ class Qwen3CLI(LightningCLI):
                 "precision": default_precision(),
                 "gradient_clip_val": 1.0,
                 "log_every_n_steps": 10,
-                "default_root_dir": "runs",
+                "default_root_dir": DEFAULT_ROOT,
                 "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
             },
             seed_everything_default=42,
@@ -111,7 +115,7 @@ class Qwen3CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        root = config.trainer.default_root_dir or "runs"
+        root = config.trainer.default_root_dir or DEFAULT_ROOT
         # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
         for key in CHECKPOINT_KEYS:
             if config[key].dirpath is None:
@@ -150,8 +154,9 @@ class Qwen3CLI(LightningCLI):
                 rank_zero_info(f"data.tokenizer_path: the vocabulary of {ckpt}, which its weights were trained on")
         elif config.model.initial_checkpoint is not None and given is None:  # (left only when not resuming)
             config.data.tokenizer_path = str(config.model.initial_checkpoint)
+        default = inspect.signature(TextDataModule).parameters
         unused = [
-            f"data.{k}={config.data[k]}" for k, v in (("vocab_size", None), ("min_freq", 1)) if config.data[k] != v
+            f"data.{k}={config.data[k]}" for k in ("vocab_size", "min_freq") if config.data[k] != default[k].default
         ]
         if self.subcommand == "fit" and config.data.tokenizer_path and unused:
             rank_zero_warn(
@@ -261,7 +266,7 @@ class Qwen3CLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or DEFAULT_ROOT)
         return super().instantiate_trainer(**kwargs)
 
 
@@ -290,7 +295,7 @@ def saved_vocabulary(path: str) -> tuple[bool, str | None]:
 def run_checkpoint(which: str, checkpoint: Any, root: str | None) -> Path:
     """The run's ``best`` or ``last`` checkpoint file (``which``), where the CLI's ``checkpoint`` callback
     writes it: its ``dirpath``, by default ``checkpoints/`` in the run's folder."""
-    folder = checkpoint.dirpath or Path(root or "runs", "checkpoints")
+    folder = checkpoint.dirpath or Path(root or DEFAULT_ROOT, "checkpoints")
     return Path(folder) / f"{checkpoint.filename if which == 'best' else 'last'}.ckpt"
 
 
