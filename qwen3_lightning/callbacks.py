@@ -84,7 +84,7 @@ class ResumeCheckpoint(L.Callback):
 
     def __init__(self, every_n_train_steps: int | None = None, dirpath: str | None = None) -> None:
         self.every_n_train_steps, self.dirpath = every_n_train_steps, dirpath
-        self._saved_step = -1
+        self._saved_step = self._step_before = -1
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step or trainer.sanity_checking:
@@ -94,12 +94,17 @@ class ResumeCheckpoint(L.Callback):
         trainer.save_checkpoint(last, weights_only=False)  # a whole checkpoint, optimizer included, to resume
         self._saved_step = trainer.global_step
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # step 0: the first batches of a gradient-accumulation window, before any optimizer step
+        # only after a batch that took an optimizer step: with gradient accumulation, not within a window
         step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+        if self.every_n_train_steps and step != self._step_before and step % self.every_n_train_steps == 0:
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -222,7 +227,7 @@ class TextSampler(L.Callback):
         self.prompts = prompts if prompts is not None else [""]
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.every_n_steps, self.seed = every_n_steps, seed
-        self._last_step = -1
+        self._last_step = self._step_before = -1
         self.enabled = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -255,11 +260,17 @@ class TextSampler(L.Callback):
         if self.enabled and self.every_n_steps is None and not trainer.sanity_checking:
             self.sample(trainer, pl_module, trainer.log_dir)
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step  # 0: within the first gradient-accumulation window, before any step
-        if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        # only after a batch that took an optimizer step: with gradient accumulation, not within a window
+        step = trainer.global_step
+        if self.enabled and self.every_n_steps and step != self._step_before and step % self.every_n_steps == 0:
             self.sample(trainer, pl_module, trainer.log_dir)
 
     # log_dir is read by the caller on every rank: under DDP, reading it is a collective broadcast

@@ -199,7 +199,10 @@ class Qwen3CLI(LightningCLI):
         if initial is not None and before is not None and after != before:
             names = [f.name for f in dataclasses.fields(after) if getattr(after, f.name) != getattr(before, f.name)]
             differ = [f"{n}={getattr(after, n)} (this command's: {getattr(before, n)})" for n in names]
-            whence = f"model.initial_checkpoint={source}" if source == initial else f"the checkpoint resumed, {source}"
+            if source == initial:
+                whence = f"model.initial_checkpoint={source}"
+            else:
+                whence = f"the checkpoint resumed, {source}" if subcommand == "fit" else f"--ckpt_path {source}"
             rank_zero_warn(f"the model's shape comes from {whence}: {', '.join(differ)}")
 
     @staticmethod

@@ -148,11 +148,18 @@ class Qwen3Config:
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> Qwen3Config:
-        """Reads a transformers Qwen3 ``config.json`` dict (transformers 4 or 5 layout). A field it leaves out
+        """Reads a transformers Qwen3 ``config.json`` dict (transformers 4 or 5 layout). The sizes of the model
+        are required; an optional field it leaves out (``head_dim``, ``tie_word_embeddings``, ``rope_theta``...)
         takes transformers' ``Qwen3Config`` default, so that both libraries build the same model from it."""
         model_type = d.get("model_type", "qwen3")
         if model_type != "qwen3":
             raise ValueError(f"config.json has model_type={model_type!r}; only 'qwen3' models can be loaded.")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        absent = [key for key in required if key not in d]
+        if absent:
+            raise ValueError(
+                f"config.json has no {', '.join(absent)}: a Qwen3 config.json names {', '.join(required)}."
+            )
         rope_theta = d.get("rope_theta")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope_theta is None:
@@ -161,8 +168,8 @@ class Qwen3Config:
             raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; only the default rotary embedding.")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported; Qwen3's MLP uses silu.")
-        sliding = d.get("use_sliding_window") and d.get("sliding_window") is not None
-        if (sliding and d.get("max_window_layers", 0) < d["num_hidden_layers"]) or (
+        sliding = d.get("use_sliding_window") and d.get("sliding_window", 4096) is not None
+        if (sliding and d.get("max_window_layers", 28) < d["num_hidden_layers"]) or (
             "sliding_attention" in (d.get("layer_types") or [])
         ):
             raise ValueError(

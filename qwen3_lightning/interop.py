@@ -29,7 +29,8 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
             f"{path} has no config.json: it is not a transformers model directory. "
             "Export one with `python -m qwen3_lightning export`."
         )
-    config = Qwen3Config.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = Qwen3Config.from_hf_config(hf_config)
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: the files its weight map names, not whatever else lies in the folder
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
@@ -53,9 +54,16 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
+        untied = missing == ["lm_head.weight"] and "tie_word_embeddings" not in hf_config
         raise ValueError(
             f"weights in {path} do not fit a Qwen3 model of its config.json: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}."
+            + (
+                " Its config.json leaves out tie_word_embeddings, which means false (transformers' default): a "
+                'model whose lm_head shares the embedding needs "tie_word_embeddings": true there.'
+                if untied
+                else ""
+            )
         )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

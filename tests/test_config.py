@@ -111,6 +111,19 @@ def test_hf_config_fields_left_out_take_transformers_defaults(given):
     assert ours == (hf.head_dim, hf.num_key_value_heads, hf.tie_word_embeddings, hf.max_position_embeddings, theta)
 
 
+def test_hf_config_sliding_window_reads_as_transformers_does():
+    transformers = pytest.importorskip("transformers")
+    d = Qwen3Config.from_preset("tiny").to_hf_config() | {"use_sliding_window": True}
+    for fields in ({}, {"max_window_layers": 1}):  # transformers: max_window_layers 28, sliding_window 4096
+        layers = transformers.Qwen3Config(**d | fields).layer_types
+        if "sliding_attention" in layers:
+            with pytest.raises(ValueError, match="sliding-window attention"):
+                Qwen3Config.from_hf_config(d | fields)
+        else:
+            assert Qwen3Config.from_hf_config(d | fields).num_decoder_layer == len(layers)
+    assert "sliding_attention" in transformers.Qwen3Config(**d | {"max_window_layers": 1}).layer_types
+
+
 def test_other_model_types_are_refused():
     with pytest.raises(ValueError, match="model_type='llama'"):
         Qwen3Config.from_hf_config({"model_type": "llama"})

@@ -125,6 +125,16 @@ def test_from_pretrained_errors(tmp_path):
     (other / "config.json").write_text(json.dumps(small_config().to_hf_config()))  # claims 2 layers
     with pytest.raises(ValueError, match="do not fit"):
         Qwen3Transformer.from_pretrained(other)
+    # a hand-written config.json of a tied model that leaves the field out: transformers reads it as untied
+    tied = tmp_path / "tied"
+    export_pretrained(Qwen3Transformer(small_config(tie_word_embeddings=True)), tied)
+    config = {k: v for k, v in json.loads((tied / "config.json").read_text()).items() if k != "tie_word_embeddings"}
+    (tied / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\].* leaves out tie_word_embeddings"):
+        Qwen3Transformer.from_pretrained(tied)
+    (tied / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match=r"config.json has no hidden_size"):
+        Qwen3Transformer.from_pretrained(tied)
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -457,30 +457,45 @@ def test_nan_loss_stops_the_run_without_saving_it(tmp_path):
 
 
 def test_gradient_accumulation_saves_and_samples_only_after_optimizer_steps(tmp_path, monkeypatch):
-    # with accumulate_grad_batches, the first batches end at global_step 0: no step has been taken yet
+    # with accumulate_grad_batches, the batches of a window before its last end at the previous step's count: at
+    # global_step 0 in a new run, and at the checkpoint's step in a resumed one
     from qwen3_lightning.callbacks import TextSampler
 
-    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=2)
-    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
     saved, sampled = [], []
-    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda trainer, *a, **k: saved.append(trainer.global_step))
+    save = L.Trainer.save_checkpoint
+
+    def recorded(trainer, *args, **kwargs):
+        saved.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.completed))
+        return save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", recorded)
     monkeypatch.setattr(TextSampler, "sample", lambda self, trainer, *a: sampled.append(trainer.global_step))
-    trainer = L.Trainer(
-        max_steps=4,
-        accumulate_grad_batches=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> None:
+        data = TextDataModule(texts=POEMS * 4, val_split=0, max_length=32, batch_size=2)
+        model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+        callbacks = [
             ResumeCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path)),
             TextSampler(prompts=["春"], max_new_tokens=2, every_n_steps=2),
-        ],
-    )
-    trainer.fit(model, data)
-    assert trainer.global_step == 4
-    assert saved == [2, 4]
-    assert set(sampled) == {2, 4}  # sample() itself skips a step it has sampled at already
+        ]
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accumulate_grad_batches=3,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        assert trainer.global_step == max_steps
+
+    fit(2)
+    # at the end of the 6th batch (5 completed before it), its 2nd step; none at step 0
+    assert (saved, sampled) == ([(2, 5)], [2])
+    saved.clear(), sampled.clear()
+    fit(4, str(tmp_path / "last.ckpt"))
+    assert (saved, sampled) == ([(4, 11)], [4])  # not at step 2 again, in the first window after the resume
 
 
 # -- checkpoints load safely ----------------------------------------------------------------------------------
