@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import POEMS
+from conftest import POEMS, quiet_trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -478,15 +478,7 @@ def test_gradient_accumulation_saves_and_samples_only_after_optimizer_steps(tmp_
             ResumeCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path)),
             TextSampler(prompts=["春"], max_new_tokens=2, every_n_steps=2),
         ]
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            accumulate_grad_batches=3,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            callbacks=callbacks,
-        )
+        trainer = quiet_trainer(max_steps=max_steps, accumulate_grad_batches=3, callbacks=callbacks)
         trainer.fit(model, data, ckpt_path=ckpt_path)
         assert trainer.global_step == max_steps
 
