@@ -277,7 +277,7 @@ def model_shape(model: Any) -> Qwen3Config | None:
     """The shape that ``model.preset`` and ``model.overrides`` give (the vocabulary's size aside); None when
     they give none, which the module's construction then reports."""
     try:
-        return Qwen3Config.from_preset(model.get("preset"), **{**(model.get("overrides") or {}), "vocab_size": 1})
+        return Qwen3Config.for_vocabulary(model.get("preset"), model.get("overrides"), vocab_size=1)
     except (ValueError, TypeError):
         return None
 
@@ -335,7 +335,8 @@ def resolve_ckpt_path(
         return None
     raise FileNotFoundError(
         f"--ckpt_path {ckpt_path}: there is no {file}. best.ckpt is written at a run's first validation, last.ckpt "
-        "at each validation and when a run ends; check --trainer.default_root_dir, or give a checkpoint file."
+        "at each validation and when a run ends; check --trainer.default_root_dir (or --checkpoint.dirpath), or give "
+        "a checkpoint file."
     )
 
 
@@ -345,12 +346,11 @@ CHECKPOINT_KEYS = ("checkpoint", "periodic_checkpoint", "resume_checkpoint")
 
 def refuse_to_overwrite(ckpt_path: str | None, root: str, dirpaths: list[str]) -> None:
     """Stops a ``fit`` that would write over the checkpoints of an earlier run: best.ckpt and last.ckpt have
-    fixed names. Resuming one of these folders' checkpoints (``last``, ``best``, ``hpc`` or a file in them)
-    continues that run, and a SLURM requeue resumes from ``hpc_ckpt_*.ckpt``: both go ahead."""
+    fixed names. Resuming a checkpoint of these folders (a file in them: ``last`` and ``best`` are resolved to
+    theirs by now) continues that run, and a SLURM requeue (``hpc``, or an ``hpc_ckpt_*.ckpt`` in ``root``)
+    resumes from ``hpc_ckpt_*.ckpt``: both go ahead."""
     folders = {Path(d).resolve() for d in dirpaths}
-    resumes = ckpt_path in ("last", "best", "hpc") or (
-        ckpt_path is not None and Path(ckpt_path).resolve().parent in folders
-    )
+    resumes = ckpt_path == "hpc" or (ckpt_path is not None and Path(ckpt_path).resolve().parent in folders)
     if resumes or any(Path(root).glob("hpc_ckpt_*.ckpt")):
         return
     earlier = checkpoints_in(*folders)
@@ -398,7 +398,7 @@ def generate(
         device: cpu, cuda, or auto (cuda when available).
         compile: compile the decoding step with torch.compile (true): a slow first sample, faster tokens after;
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
-            of seconds and, on a CPU, about three times faster tokens again.
+            of seconds and, on a CPU, two to three times faster tokens again.
     """
     from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_sampling_args, stream_text, unknown_characters
     from qwen3_lightning.interop import load_checkpoint, read_checkpoint

@@ -5,7 +5,7 @@ This module imports no torch, so configs can be read and checked anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 # Shapes of the published checkpoints are from their config.json on the Hugging Face Hub
@@ -112,8 +112,6 @@ class Qwen3Config:
     """Share the input embedding with the output projection."""
     initializer_range: float = 0.02
     """Standard deviation of the normal initialization of linear and embedding weights."""
-    num_key_value_groups: int = field(init=False)
-    """Query heads per key/value head; derived."""
 
     def __post_init__(self) -> None:
         for name in (*SIZE_FIELDS, "max_position_embeddings"):
@@ -133,18 +131,23 @@ class Qwen3Config:
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r} must be positive.")
-        self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Qwen3Config:
         """The named preset with any field replaced, e.g. ``from_preset("small", num_decoder_layer=8)``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}.")
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown Qwen3Config field(s) {unknown}; valid fields: {', '.join(sorted(known))}.")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def for_vocabulary(cls, preset: str, overrides: dict[str, Any] | None, vocab_size: int) -> Qwen3Config:
+        """``from_preset(preset, **overrides)`` with the vocabulary's size, which the data sets, taking the place
+        of any ``vocab_size`` in ``overrides``: how the LightningModule and its checkpoints build the model."""
+        return cls.from_preset(preset, **{**(overrides or {}), "vocab_size": vocab_size})
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> Qwen3Config:

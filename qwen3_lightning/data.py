@@ -14,6 +14,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +34,12 @@ SAMPLE_CORPUS = Path(__file__).parent / "corpora" / "tang300.txt"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 IGNORE_INDEX = -100
 """Label of positions that the loss skips (padding); the default ``ignore_index`` of ``nn.CrossEntropyLoss``."""
+VOCABULARY_ADVICE = (
+    "The vocabulary is built from the training split, so other data, another data.val_split or a data.val_path "
+    "changes it. Use the data and split the run started with, or pass --data.tokenizer_path with the checkpoint "
+    "(or its run's tokenizer.json, next to metrics.csv) to encode this data with the checkpoint's vocabulary."
+)
+"""The end of every refusal of a checkpoint whose vocabulary is not the one this run's data gives."""
 
 
 def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -494,18 +501,13 @@ class TextDataModule(L.LightningDataModule):
         if texts is not None and not any(t.strip() for t in texts):
             raise ValueError("texts holds no non-empty document.")
         self._texts = texts
-        self._docs: tuple[list[str], list[str]] | None = None
-        self._val_path_docs: list[str] | None = None
-        self._train_set: TextDataset | None = None
-        self._val_set: TextDataset | None = None
-        self._val_ready = False
         self._test_set: tuple[Any, TextDataset] | None = None  # (test_path, its examples)
         self._prompts: tuple[Any, list[str]] | None = None
         if tokenizer_path is not None:
             # the training text is read when a stage needs it (fit, validate): test and predict need none
             self.tokenizer = load_tokenizer(tokenizer_path)
             return
-        train_docs, _ = self._documents()
+        train_docs, _ = self._documents
         self.tokenizer = CharTokenizer(vocab_size, min_freq).build_vocab(train_docs)
         if self.tokenizer.vocab_size == len(SPECIAL_TOKENS):
             raise ValueError(
@@ -514,11 +516,10 @@ class TextDataModule(L.LightningDataModule):
             )
         self.datasets()
 
+    @cached_property
     def _documents(self) -> tuple[list[str], list[str]]:
         """The training and validation documents, read once: from ``texts`` or ``train_path``, with the
         validation ones from ``val_path`` or held out of the training documents by ``val_split``."""
-        if self._docs is not None:
-            return self._docs
         hp, separator = self.hparams, self.separator
         if self._texts is not None:
             train_docs = [t for t in self._texts if t.strip()]
@@ -527,7 +528,7 @@ class TextDataModule(L.LightningDataModule):
                 log.info("no data.train_path given: training on the bundled sample corpus %s", SAMPLE_CORPUS)
             train_docs = load_corpus(hp.train_path or SAMPLE_CORPUS, separator)
         if hp.val_path is not None:
-            val_docs = self._validation_documents()
+            val_docs = self._val_path_documents
         elif hp.val_split > 0:
             order = list(range(len(train_docs)))
             random.Random(hp.seed).shuffle(order)
@@ -549,22 +550,17 @@ class TextDataModule(L.LightningDataModule):
             train_docs = [d for i, d in enumerate(train_docs) if i not in held_out]
         else:
             val_docs = []
-        self._docs = train_docs, val_docs
-        return self._docs
+        return train_docs, val_docs
 
     @property
     def vocab_size(self) -> int:
         """Size of the vocabulary built from the training data (what the model's embedding needs)."""
         return self.tokenizer.vocab_size
 
-    def _validation_documents(self) -> list[str]:
-        """The validation documents: those of ``val_path`` (the training text is then not read), or the ones
-        ``val_split`` holds out."""
-        if self.hparams.val_path is None:
-            return self._documents()[1]
-        if self._val_path_docs is None:
-            self._val_path_docs = load_corpus(self.hparams.val_path, self.separator)
-        return self._val_path_docs
+    @cached_property
+    def _val_path_documents(self) -> list[str]:
+        """The documents of ``val_path``, read once."""
+        return load_corpus(self.hparams.val_path, self.separator)
 
     def _dataset(self, docs: list[str]) -> TextDataset:
         if self.cache_dir is not None:
@@ -577,20 +573,17 @@ class TextDataModule(L.LightningDataModule):
         """The training and validation examples (None: no validation data), read and encoded on first use."""
         return self.train_dataset, self.val_dataset
 
-    @property
+    @cached_property
     def train_dataset(self) -> TextDataset:
         """The training split's examples, encoded on first use."""
-        if self._train_set is None:
-            self._train_set = self._dataset(self._documents()[0])
-        return self._train_set
+        return self._dataset(self._documents[0])
 
-    @property
+    @cached_property
     def val_dataset(self) -> TextDataset | None:
-        """The validation examples (None without validation data), encoded on first use."""
-        if not self._val_ready:
-            docs = self._validation_documents()
-            self._val_set, self._val_ready = (self._dataset(docs) if docs else None), True
-        return self._val_set
+        """The validation examples (None without validation data), encoded on first use: those of ``val_path``
+        (the training text is then not read), or the ones ``val_split`` holds out."""
+        docs = self._val_path_documents if self.hparams.val_path is not None else self._documents[1]
+        return self._dataset(docs) if docs else None
 
     @property
     def test_dataset(self) -> TextDataset:
@@ -851,12 +844,10 @@ class TextDataModule(L.LightningDataModule):
                 "only, some examples may be seen twice, others not at all."
             )
             # in examples: an item of the checkpoint's or of this run's is a whole batch when bucketed
-            then, now = (
-                (saved["batch_size"] if saved["bucket_by_length"] else 1),
-                (self.batch_size if self.bucket_by_length else 1),
-            )
-            left = min(end * then, len(self.train_dataset)) - seen * then
-            return ResumePoint(position["epoch"], position["batches"], 0, math.ceil(left / now))
+            saved_item = saved["batch_size"] if saved["bucket_by_length"] else 1
+            item = self.batch_size if self.bucket_by_length else 1
+            left = min(end * saved_item, len(self.train_dataset)) - seen * saved_item
+            return ResumePoint(position["epoch"], position["batches"], 0, math.ceil(left / item))
         if changed:
             rank_zero_info(
                 f"The checkpoint was written mid-epoch with {said}: the rest of epoch {position['epoch']} is dealt "
@@ -879,8 +870,5 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(
                 f"the checkpoint's vocabulary ({saved.vocab_size} tokens) differs from the one built from this "
                 f"run's training split ({self.vocab_size} tokens, {how}): loading it would renumber characters. "
-                "The vocabulary is built from the training split, so other data, another data.val_split or a "
-                "data.val_path changes it. Use the data and split the run started with, or pass "
-                "--data.tokenizer_path with the checkpoint (or its run's tokenizer.json, next to metrics.csv) to "
-                "encode this data with the checkpoint's vocabulary."
+                + VOCABULARY_ADVICE
             )

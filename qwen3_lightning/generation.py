@@ -21,19 +21,21 @@ GENERATE_DEFAULTS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "to
 """What ``generate_kwargs`` of the ``predict`` subcommand may set, and the values it starts from."""
 
 
-def check_generate_kwargs(kwargs: dict[str, object], name: str = "model.generate_kwargs") -> dict[str, object]:
+def check_generate_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
     """``GENERATE_DEFAULTS`` updated with ``kwargs``, checked: an unknown option or a bad value is an error now,
     not after a checkpoint has loaded."""
     unknown = sorted(set(kwargs) - set(GENERATE_DEFAULTS))
     if unknown:
-        raise ValueError(f"{name} has unknown option(s) {unknown}; the options are {', '.join(GENERATE_DEFAULTS)}.")
+        raise ValueError(
+            f"model.generate_kwargs has unknown option(s) {unknown}; the options are {', '.join(GENERATE_DEFAULTS)}."
+        )
     settings = {**GENERATE_DEFAULTS, **kwargs}
     check_sampling_args(settings["temperature"], settings["top_k"], settings["top_p"])
     new = settings["max_new_tokens"]
     if not isinstance(new, int) or isinstance(new, bool) or new < 0:
-        raise ValueError(f"{name}: max_new_tokens={new!r} must be a whole number >= 0.")
+        raise ValueError(f"model.generate_kwargs: max_new_tokens={new!r} must be a whole number >= 0.")
     if settings["compile"] not in COMPILE_CHOICES:
-        raise ValueError(f"{name}: compile={settings['compile']!r}: choose false, true or max-autotune.")
+        raise ValueError(f"model.generate_kwargs: compile={settings['compile']!r}: choose false, true or max-autotune.")
     return settings
 
 
@@ -169,7 +171,7 @@ def _weights_fingerprint(model: Qwen3Transformer) -> list[tuple[int, float, floa
 
 def _compile_step(model: Qwen3Transformer, frozen: bool) -> Callable[..., torch.Tensor]:
     """``frozen``: compile with Inductor's freezing and max-autotune. The weights are folded into the graph as
-    constants and prepacked for GEMM kernels picked by timing them: on a CPU, batch-1 decoding runs about three
+    constants and prepacked for GEMM kernels picked by timing them: on a CPU, batch-1 decoding runs two to three
     times faster than with plain compilation, whose one-token matmuls leave most of the memory bandwidth unused.
     The price is a first call of tens of seconds (again for each new batch size or cache size), and a graph
     that holds the weights of its time: so it is compiled again when they change, from a new code object,

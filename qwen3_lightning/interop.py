@@ -246,7 +246,7 @@ def read_initial_checkpoint(path: str | Path, weights: bool = True) -> dict:
         config, state = model.config, {f"model.{k}": v for k, v in model.state_dict().items()}
     else:
         config, state = Qwen3Config.from_hf_config(json.loads((Path(path) / "config.json").read_text("utf-8"))), None
-    shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name != "vocab_size"}
+    shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "vocab_size"}
     checkpoint = {
         "hyper_parameters": {"preset": "tiny", "overrides": shape, "vocab_size": config.vocab_size},
         "TextDataModule": {"tokenizer": tokenizer.to_dict()},
@@ -282,9 +282,7 @@ def load_checkpoint(
 
     ckpt = read_checkpoint(path, map_location)
     hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    config = Qwen3Config.from_preset(
-        hparams["preset"], **{**(hparams.get("overrides") or {}), "vocab_size": hparams["vocab_size"]}
-    )
+    config = Qwen3Config.for_vocabulary(hparams["preset"], hparams.get("overrides"), hparams["vocab_size"])
     model = Qwen3Transformer(config)
     model.load_state_dict(model_weights(state))
     return model, CharTokenizer.from_dict(tokenizer_state(ckpt), source=str(path))

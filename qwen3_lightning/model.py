@@ -327,7 +327,7 @@ class Qwen3Transformer(nn.Module):
         With ``stream=True`` it returns an iterator of the new tokens (B,) one step at a time instead.
         ``compile=True`` runs the decoding step through ``torch.compile`` (one fixed-shape graph, compiled on the
         first call and reused): much less Python overhead per token, for long generations. ``compile="max-autotune"``
-        also freezes the weights into the graph and picks GEMM kernels by timing them: on a CPU about three times
+        also freezes the weights into the graph and picks GEMM kernels by timing them: on a CPU two to three times
         faster at batch 1 again, after a first call of tens of seconds; it recompiles if the weights change, and
         each recompile keeps its copy of the weights until the process ends (not for sampling during training).
         """

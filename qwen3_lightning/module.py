@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
-from qwen3_lightning.data import IGNORE_INDEX
+from qwen3_lightning.data import IGNORE_INDEX, VOCABULARY_ADVICE
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 from qwen3_lightning.tokenizer import CharTokenizer
@@ -177,7 +177,7 @@ class Qwen3LightningModule(L.LightningModule):
                 f"argument ({vocab_size}; the command line takes it from the data). Pass vocab_size=... instead."
             )
         # the config is checked here, at construction, so a bad value fails before any data or weights load
-        self.config = Qwen3Config.from_preset(preset, **{**(overrides or {}), "vocab_size": vocab_size})
+        self.config = Qwen3Config.for_vocabulary(preset, overrides, vocab_size)
         if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
             raise ValueError(
                 f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
@@ -618,10 +618,7 @@ class Qwen3LightningModule(L.LightningModule):
         if saved is not None and saved.shape[0] != self.config.vocab_size:
             raise ValueError(
                 f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, but this run's data gives "
-                f"{self.config.vocab_size}: resuming would renumber characters. The vocabulary is built from the "
-                "training split, so other data, another data.val_split or a data.val_path changes it. Resume with the "
-                "data the run started with, or pass --data.tokenizer_path with the checkpoint to encode this data "
-                "with its vocabulary."
+                f"{self.config.vocab_size}: resuming would renumber characters. " + VOCABULARY_ADVICE
             )
         differ = self._shape_differences(checkpoint)
         if differ:
@@ -638,8 +635,7 @@ class Qwen3LightningModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters") or {}
         if "preset" not in hparams:
             return []
-        overrides = {**(hparams.get("overrides") or {}), "vocab_size": self.config.vocab_size}
-        saved_config = Qwen3Config.from_preset(hparams["preset"], **overrides)
+        saved_config = Qwen3Config.for_vocabulary(hparams["preset"], hparams.get("overrides"), self.config.vocab_size)
         return [
             f"{name}={getattr(saved_config, name)!r} (this run: {getattr(self.config, name)!r})"
             for name in WEIGHT_SHAPE_FIELDS

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
-_FORMAT = "qwen3_lightning.CharTokenizer"
+_FORMAT, _VERSION = "qwen3_lightning.CharTokenizer", 1
 
 
 class CharTokenizer:
@@ -96,7 +96,7 @@ class CharTokenizer:
     def to_dict(self) -> dict:
         return {
             "format": _FORMAT,
-            "version": 1,
+            "version": _VERSION,
             "min_freq": self.min_freq,
             "max_vocab_size": self.max_vocab_size,
             "vocab": self.id_to_token,
@@ -107,6 +107,13 @@ class CharTokenizer:
         vocab = state.get("vocab") if isinstance(state, dict) else None
         if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
             raise ValueError(f"{source} holds no character vocabulary (a 'vocab' list of strings).")
+        version = state.get("version", _VERSION)
+        if state.get("format", _FORMAT) != _FORMAT or not isinstance(version, int) or version > _VERSION:
+            raise ValueError(
+                f"{source} holds a vocabulary of format {state.get('format')!r}, version {version!r}; this "
+                f"qwen3_lightning reads {_FORMAT!r} up to version {_VERSION}. A newer qwen3_lightning wrote it: "
+                "upgrade the package to read it."
+            )
         tokenizer = cls(min_freq=state.get("min_freq", 1))
         tokenizer.max_vocab_size = state.get("max_vocab_size")
         tokenizer._set_vocab(vocab)
@@ -114,10 +121,7 @@ class CharTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Writes the vocabulary as readable UTF-8 JSON, one token per line."""
-        body = ",\n    ".join(json.dumps(t, ensure_ascii=False) for t in self.id_to_token)
-        header = {k: v for k, v in self.to_dict().items() if k != "vocab"}
-        head = json.dumps(header, ensure_ascii=False)[:-1]
-        Path(path).write_text(f'{head}, "vocab": [\n    {body}\n]}}\n', encoding="utf-8")
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:

@@ -44,8 +44,10 @@ def test_overrides_replace_preset_fields():
     assert c.num_decoder_layer == 3 and c.attention_bias and c.hidden_size == PRESETS["small"]["hidden_size"]
 
 
-def test_num_key_value_groups_is_derived():
-    assert Qwen3Config(num_attention_heads=8, num_key_value_heads=2).num_key_value_groups == 4
+def test_for_vocabulary_takes_the_datas_size_over_an_overrides_vocab_size():
+    c = Qwen3Config.for_vocabulary("tiny", {"vocab_size": 99, "num_decoder_layer": 2}, vocab_size=1234)
+    assert (c.vocab_size, c.num_decoder_layer) == (1234, 2)
+    assert Qwen3Config.for_vocabulary("tiny", None, 77) == Qwen3Config.from_preset("tiny", vocab_size=77)
 
 
 @pytest.mark.parametrize(

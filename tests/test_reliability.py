@@ -657,7 +657,8 @@ def test_overwrite_refusal_covers_every_checkpoint_folder_and_lets_resumes_throu
     for ckpt_path in (None, str(tmp_path / "another_run/last.ckpt")):
         with pytest.raises(ValueError, match=r"periodic.* holds the checkpoints of an earlier run \(epoch19"):
             refuse_to_overwrite(ckpt_path, str(root), dirpaths)
-    for ckpt_path in ("last", "hpc", str(other / "epoch19-step480.ckpt")):  # continuing this run
+    # continuing this run: `last` and `best` come resolved to their files of the run's folder
+    for ckpt_path in (str(root / "checkpoints/last.ckpt"), "hpc", str(other / "epoch19-step480.ckpt")):
         refuse_to_overwrite(ckpt_path, str(root), dirpaths)
     root.mkdir()
     (root / "hpc_ckpt_1.ckpt").write_bytes(b"")  # what a SLURM requeue resumes from, with no --ckpt_path

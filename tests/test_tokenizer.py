@@ -234,6 +234,8 @@ def test_saved_file_is_readable_utf8_json(tmp_path):
     for c in "床前明月光，疑是地上霜。𠀀":
         assert c in text, f"{c!r} is not written literally"
     assert "\\u" not in text
+    lines = [line.strip().rstrip(",") for line in text.splitlines()]
+    assert all(json.dumps(token, ensure_ascii=False) in lines for token in t.id_to_token)  # one token per line
 
 
 def test_load_missing_file_names_the_path(tmp_path):
@@ -261,6 +263,22 @@ def test_load_of_a_transformers_tokenizer_says_which_file_to_use(tmp_path):
     path.write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"is a transformers \(tokenizers\) file.*logs/version_N/tokenizer.json"):
         CharTokenizer.load(path)
+
+
+@pytest.mark.parametrize(
+    "header", [{"version": 2}, {"format": "another.Tokenizer"}, {"version": "1.0"}], ids=["newer", "other", "str"]
+)
+def test_load_refuses_a_format_or_version_it_does_not_know(tmp_path, header):
+    path = tmp_path / "tokenizer.json"
+    state = {**CharTokenizer().build_vocab(["ab"]).to_dict(), **header}
+    path.write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"format .*version .*upgrade the package") as err:
+        CharTokenizer.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_state_without_format_or_version_reads_as_version_1():
+    assert CharTokenizer.from_dict({"vocab": [*SPECIAL_TOKENS, "a"]}).id_to_token == [*SPECIAL_TOKENS, "a"]
 
 
 def test_load_refuses_a_vocabulary_without_the_specials_first(tmp_path):
