@@ -400,10 +400,10 @@ def generate(
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
             of seconds and, on a CPU, two to three times faster tokens again.
     """
-    from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_sampling_args, stream_text, unknown_characters
+    from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_decoding_args, stream_text, unknown_characters
     from qwen3_lightning.interop import load_checkpoint, read_checkpoint
 
-    check_sampling_args(temperature, top_k, top_p)
+    check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if device == "auto":

@@ -30,16 +30,25 @@ def check_generate_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
             f"model.generate_kwargs has unknown option(s) {unknown}; the options are {', '.join(GENERATE_DEFAULTS)}."
         )
     settings = {**GENERATE_DEFAULTS, **kwargs}
-    check_sampling_args(settings["temperature"], settings["top_k"], settings["top_p"])
-    new = settings["max_new_tokens"]
-    if not isinstance(new, int) or isinstance(new, bool) or new < 0:
-        raise ValueError(f"model.generate_kwargs: max_new_tokens={new!r} must be a whole number >= 0.")
-    if settings["compile"] not in COMPILE_CHOICES:
-        raise ValueError(f"model.generate_kwargs: compile={settings['compile']!r}: choose false, true or max-autotune.")
+    try:
+        check_decoding_args(**{k: settings[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "compile")})
+    except ValueError as err:
+        raise ValueError(f"model.generate_kwargs: {err}") from None
     return settings
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_decoding_args(
+    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0, compile: bool | str = False
+) -> None:
+    """The checks of every way in to decoding (``generate``, the CLI's, ``model.generate_kwargs``): a bad value
+    is an error before a checkpoint loads or a prompt is encoded."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 0.")
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(
+            f"compile={compile!r}: choose False, True (torch.compile) or 'max-autotune' (in YAML and on the command "
+            "line: false, true, max-autotune)."
+        )
     if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
         raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy decoding).")
     if top_k is not None and top_k < 1:
@@ -89,16 +98,12 @@ def decode_loop(
     compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), up to ``max_new_tokens`` times or until all rows met eos."""
-    check_sampling_args(temperature, top_k, top_p)
-    if compile not in COMPILE_CHOICES:
-        raise ValueError(f"compile={compile!r}: choose False, True (torch.compile) or 'max-autotune'.")
+    check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids must be (batch, length) with length >= 1; got shape {tuple(input_ids.shape)}. "
             "Start an empty prompt with the <bos> token."
         )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; it must match input_ids, "

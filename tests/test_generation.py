@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen3_lightning.config import Qwen3Config
-from qwen3_lightning.generation import sample_next_token, stream_text
+from qwen3_lightning.generation import check_generate_kwargs, sample_next_token, stream_text
 from qwen3_lightning.model import Qwen3Transformer
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -138,7 +138,9 @@ def test_stream_yields_the_same_tokens(pair):
         ({"top_k": 0}, "top_k=0"),
         ({"top_p": 1.5}, "top_p=1.5"),
         ({"max_new_tokens": 60}, "exceeds the model's max_position_embeddings=64"),
-        ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+        ({"max_new_tokens": -1}, "max_new_tokens=-1 must be a whole number >= 0"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 must be a whole number"),
+        ({"compile": "yes"}, r"compile='yes': choose False, True \(torch.compile\) or 'max-autotune'"),
     ],
 )
 def test_bad_generation_arguments(pair, kwargs, message):
@@ -146,6 +148,20 @@ def test_bad_generation_arguments(pair, kwargs, message):
     args = {"max_new_tokens": 5, **kwargs}
     with pytest.raises(ValueError, match=message):
         ours.generate(torch.ones(1, 5, dtype=torch.long), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_p": 0}, r"model.generate_kwargs: top_p=0 must be in \(0, 1\]"),
+        ({"max_new_tokens": "5"}, "model.generate_kwargs: max_new_tokens='5' must be a whole number"),
+        ({"compile": "fast"}, "model.generate_kwargs: compile='fast': choose .*in YAML and on the command line"),
+    ],
+)
+def test_generate_kwargs_are_checked_with_the_same_words_as_generate(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        check_generate_kwargs(kwargs)
+    assert check_generate_kwargs({"temperature": 0})["temperature"] == 0
 
 
 def test_empty_input_is_refused(pair):
