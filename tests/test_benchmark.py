@@ -14,7 +14,7 @@ from conftest import POEMS
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
-def test_quick_benchmark_runs_every_training_case_and_the_data_section(tmp_path):
+def test_quick_benchmark_runs_the_training_cases_asked_for_and_the_data_section(tmp_path):
     corpus = tmp_path / "poems.txt"
     corpus.write_text("\n\n".join(POEMS * 20), encoding="utf-8")
     out = tmp_path / "bench.json"

@@ -65,6 +65,8 @@ def test_generate_prints_seeded_samples(checkpoint, capsys):
     assert first.returncode == 0, first.stderr[-2000:]
     main(args)
     assert capsys.readouterr().out == first.stdout  # same seed, same text
+    main([*args[:-1], "1"])
+    assert capsys.readouterr().out != first.stdout  # another seed, other text
     samples = [line for line in first.stdout.splitlines() if line.startswith("春眠")]
     assert len(samples) == 2 and first.stdout.count("--- sample") == 2
     _, tokenizer = load_checkpoint(checkpoint)

@@ -1,5 +1,7 @@
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,30 @@ def test_preset_parameter_counts(name):
     with torch.device("meta"):
         n = Qwen3Transformer(Qwen3Config.from_preset(name, vocab_size=1000)).num_parameters()
     assert abs(n - TARGET_PARAMS[name]) / TARGET_PARAMS[name] <= 0.25, n
+
+
+def preset_table(readme: Path) -> dict[str, tuple[int, ...]]:
+    """The README's preset table: name -> (hidden, layers, heads, kv heads, head_dim, MLP, parameters in 10K)."""
+    row = re.compile(r"^\| `([\w.-]+)` \| (\d+) \| (\d+) \| (\d+) / (\d+) \| (\d+) \| (\d+) \| ([\d.]+)M \|$", re.M)
+    return {m[1]: (*map(int, m.groups()[1:7]), round(float(m[8]) * 100)) for m in row.finditer(readme.read_text())}
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_the_readmes_preset_table_is_the_presets_and_their_sizes_in_transformers(readme):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qwen3_lightning.model import Qwen3Transformer
+
+    table = preset_table(Path(__file__).resolve().parents[1] / readme)
+    assert set(table) == set(PRESETS)
+    for name, (hidden, layers, heads, kv_heads, head_dim, mlp, size) in table.items():
+        c = Qwen3Config.from_preset(name, vocab_size=1000)
+        shape = (c.hidden_size, c.num_decoder_layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        assert (*shape, c.intermediate_size) == (hidden, layers, heads, kv_heads, head_dim, mlp), name
+        with torch.device("meta"):  # counted by transformers' model of the same config, to 0.01M
+            n = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**c.to_hf_config())).num_parameters()
+            assert Qwen3Transformer(c).num_parameters() == n, name
+        assert round(n / 1e4) == size, (name, n)
 
 
 @pytest.mark.parametrize(("name", "hidden", "inter"), [("qwen3-0.6b", 1024, 3072), ("qwen3-1.7b", 2048, 6144)])

@@ -91,6 +91,16 @@ def test_top_k_one_and_tiny_top_p_are_greedy(pair):
     assert torch.equal(ours.generate(prompt, 15, temperature=1e-300), greedy)  # 0 as a float32
 
 
+def test_temperature_divides_the_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        draws = torch.stack([sample_next_token(logits, temperature, generator=gen) for _ in range(6000)])[:, 0]
+        counts = torch.bincount(draws, minlength=4).float() / len(draws)
+        # softmax([4, 2, 0, -2]) = 0.87, 0.12, 0.02, 0.00 at 0.5; softmax([1, .5, 0, -.5]) = .41, .25, .15, .09 at 2
+        torch.testing.assert_close(counts, (logits / temperature).softmax(-1)[0], atol=0.02, rtol=0)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +126,22 @@ def test_eos_stops_and_pads(pair):
     stopped = ours.generate(prompt, 20, temperature=0, eos_token_id=eos)[0, 5:]
     first = greedy.tolist().index(eos)
     assert stopped.tolist() == greedy[: first + 1].tolist()
+
+
+def test_rows_that_met_eos_are_padded_with_it_while_the_others_go_on(pair):
+    _, ours = pair
+    torch.manual_seed(3)
+    prompts = torch.randint(4, 83, (2, 5))
+    greedy = ours.generate(prompts, 20, temperature=0)[:, 5:]
+    # a token that the first row makes early and the second row never makes
+    eos = next(int(t) for t in greedy[0, :8] if int(t) not in greedy[1].tolist())
+    first = greedy[0].tolist().index(eos)
+    out = ours.generate(prompts, 20, temperature=0, eos_token_id=eos)[:, 5:]
+    assert out.shape == (2, 20)  # the second row never ends: every step is taken
+    assert out[0, : first + 1].tolist() == greedy[0, : first + 1].tolist()
+    assert out[0, first:].tolist() == [eos] * (20 - first)  # padded with eos after it, not its greedy tokens
+    assert greedy[0, first + 1 :].ne(eos).any()  # (which would differ)
+    assert torch.equal(out[1], greedy[1])
 
 
 def test_stream_yields_the_same_tokens(pair):
@@ -281,11 +307,17 @@ def test_streaming_builds_no_autograd_graph(pair, monkeypatch):
 
 def test_generation_under_bf16_autocast(pair):
     # as in `predict` with trainer.precision bf16-mixed: float32 weights and cache, bfloat16 activations
-    _, ours = pair
+    hf, ours = pair
+    torch.manual_seed(5)
     prompts = torch.randint(4, 83, (2, 5))
+    mask = torch.ones_like(prompts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ours.generate(prompts, 6, temperature=0, attention_mask=torch.ones_like(prompts))
-    assert out.shape == (2, 11)
+        out = ours.generate(prompts, 12, temperature=0, attention_mask=mask)
+        expected = hf.generate(
+            prompts, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    assert len(set(out[:, 5:].flatten().tolist())) > 3
+    assert torch.equal(out, expected)
 
 
 def test_every_way_to_sample_text_starts_from_the_same_settings(tmp_path):

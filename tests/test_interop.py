@@ -78,6 +78,10 @@ def test_from_pretrained_reads_a_transformers_directory(tmp_path, tied):
     [
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding-window attention"),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+            "rope_type='linear' is not supported; only the default rotary embedding",
+        ),
     ],
 )
 def test_from_pretrained_refuses_settings_it_would_compute_otherwise(tmp_path, field, message):
@@ -85,6 +89,18 @@ def test_from_pretrained_refuses_settings_it_would_compute_otherwise(tmp_path, f
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         Qwen3Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_reads_every_shard_of_a_sharded_directory(tmp_path):
+    torch.manual_seed(3)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small_config(num_decoder_layer=4).to_hf_config()))
+    hf.eval().save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ours = Qwen3Transformer.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-5
 
 
 def test_export_over_a_sharded_export_leaves_only_its_own_weights(tmp_path):

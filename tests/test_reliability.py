@@ -399,16 +399,23 @@ def test_a_resumed_schedule_spans_the_steps_the_run_takes(tmp_path):
     assert model._schedule[1] == trainer.estimated_stepping_batches == trainer.global_step == 8
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
+@pytest.mark.parametrize(
+    ("sent", "said", "status"),
+    # 143, 128 + SIGTERM, and 1 after Ctrl-C (Lightning's): a job script can tell either from a finished run (0)
+    [(signal.SIGTERM, "SIGTERMException", 143), (signal.SIGINT, "KeyboardInterrupt", 1)],
+    ids=["sigterm", "ctrl-c"],
+)
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_that_resumes(corpus, tmp_path, sent, said, status):
     run = tmp_path / "run"
     process = start(fit_args(corpus, run, "--trainer.max_steps", "100000"), tmp_path)
     wait_for(run / "checkpoints/last.ckpt", process)  # written after the first epoch: training is under way
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=120)
-    assert "interrupted (SIGTERMException)" in stderr
-    assert process.returncode == 143  # 128 + SIGTERM: a job script can tell it from a finished run (0)
+    saved = re.search(rf"interrupted \({said}\) at step (\d+): saved last.ckpt", stderr)
+    assert saved, stderr[-3000:]
+    assert process.returncode == status
     step = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"]
-    assert 0 < step < 100000
+    assert step == int(saved[1]) and 0 < step < 100000
     main(fit_args(corpus, run, "--trainer.max_steps", str(step + 3), "--ckpt_path", "last"))
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == step + 3
 

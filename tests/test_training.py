@@ -228,10 +228,39 @@ def test_test_and_predict_take_loaders_of_their_own_after_fitting_a_datamodule(t
     trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
     trainer.fit(model, data)
     loader = torch.utils.data.DataLoader(data.train_dataset, batch_size=4, collate_fn=collate)
-    assert trainer.test(model, dataloaders=loader, verbose=False)[0]["test_loss"] > 0
+    test_loss = trainer.test(model, dataloaders=loader, verbose=False)[0]["test_loss"]
+    assert test_loss == pytest.approx(loss_over_every_token(model.model, loader, uneven=False), rel=1e-5)
     prompts = torch.utils.data.DataLoader(["春眠"], collate_fn=data.collate_prompts)
     model.generate_kwargs = {"max_new_tokens": 2}
     assert [r["prompt"] for r in trainer.predict(model, dataloaders=prompts)[0]] == ["春眠"]
+
+
+def loss_over_every_token(model: torch.nn.Module, loader, uneven: bool = True) -> float:
+    """The cross-entropy summed over every labelled token of ``loader``, over their number: the set's loss,
+    computed apart from the module."""
+    total, count, per_batch = 0.0, 0, set()
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["input_ids"])
+            labels = batch["labels"]
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += int((labels != -100).sum())
+            per_batch.add(int((labels != -100).sum()))
+    assert len(per_batch) > 1 or not uneven  # batches of unequal token counts: a mean of batch means differs
+    return total / count
+
+
+def test_validation_and_test_loss_weigh_every_token_alike(tmp_path):
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=64, batch_size=3)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1})
+    model.configure_model()
+    loader = torch.utils.data.DataLoader(data.train_dataset, batch_size=3, collate_fn=collate)
+    expected = loss_over_every_token(model.model, loader)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    assert trainer.validate(model, dataloaders=loader, verbose=False)[0]["val_loss"] == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert trainer.test(model, dataloaders=loader, verbose=False)[0]["test_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
@@ -404,6 +433,15 @@ def test_fused_adamw_by_default_except_under_float16(precision, fused, monkeypat
     assert bool(model.configure_optimizers()["optimizer"].param_groups[0]["fused"]) is fused
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_and_compile_options_reach_the_model(on):
+    model = Qwen3LightningModule(vocab_size=50, gradient_checkpointing=on, compile=on)
+    model.configure_model()
+    assert model.model.gradient_checkpointing is on
+    # nn.Module.compile() leaves each layer's module as it is and routes its calls through torch.compile
+    assert [layer._compiled_call_impl is not None for layer in model.model.model.layers] == [on] * 6
+
+
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = Qwen3LightningModule(overrides={"attention_bias": True, "tie_word_embeddings": False}, vocab_size=50)
     model.configure_model()
@@ -411,6 +449,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     opt = model.configure_optimizers()["optimizer"]
     decay = {id(p) for p in opt.param_groups[0]["params"]}
     names = {id(p): n for n, p in model.model.named_parameters()}
+    assert opt.param_groups[0]["weight_decay"] == model.hparams.weight_decay > 0
     assert opt.param_groups[1]["weight_decay"] == 0.0
     for pid, name in names.items():
         assert (pid in decay) == (name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name), name
