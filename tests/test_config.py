@@ -13,7 +13,8 @@ TARGET_PARAMS = {"tiny": 1.5e6, "small": 6e6, "medium": 24e6, "large": 96e6}
 
 @pytest.mark.parametrize("name", list(TARGET_PARAMS))
 def test_preset_parameter_counts(name):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from qwen3_lightning.model import Qwen3Transformer
 
     with torch.device("meta"):
@@ -29,8 +30,9 @@ def preset_table(readme: Path) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
 def test_the_readmes_preset_table_is_the_presets_and_their_sizes_in_transformers(readme):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     from qwen3_lightning.model import Qwen3Transformer
 
     table = preset_table(Path(__file__).resolve().parents[1] / readme)
@@ -116,7 +118,8 @@ def test_hf_config_reads_rope_theta_from_either_place():
 
 
 def test_hf_config_is_accepted_by_transformers():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     c = Qwen3Config.from_preset("small", vocab_size=321, rope_theta=2e5)
     hf = transformers.Qwen3Config(**c.to_hf_config())
     assert (hf.num_hidden_layers, hf.head_dim, hf.vocab_size) == (c.num_decoder_layer, c.head_dim, 321)
@@ -129,7 +132,8 @@ def test_hf_config_is_accepted_by_transformers():
 def test_hf_config_fields_left_out_take_transformers_defaults(given):
     # a hand-written config.json: the fields that shape the weights, and not tie_word_embeddings, head_dim,
     # rope_theta or max_position_embeddings, where transformers' defaults are not a reader's guess
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     d = {"model_type": "qwen3", "vocab_size": 99, "hidden_size": 64, "intermediate_size": 96}
     d |= {"num_hidden_layers": 2, "num_attention_heads": 4, **given}
     hf = transformers.Qwen3Config(**d)
@@ -140,7 +144,8 @@ def test_hf_config_fields_left_out_take_transformers_defaults(given):
 
 
 def test_hf_config_sliding_window_reads_as_transformers_does():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     d = Qwen3Config.from_preset("tiny").to_hf_config() | {"use_sliding_window": True}
     for fields in ({}, {"max_window_layers": 1}):  # transformers: max_window_layers 28, sliding_window 4096
         layers = transformers.Qwen3Config(**d | fields).layer_types

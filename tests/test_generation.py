@@ -5,13 +5,12 @@ import weakref
 
 import pytest
 import torch
+import transformers
 
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.generation import check_generate_kwargs, sample_next_token, stream_text
 from qwen3_lightning.model import Qwen3Transformer
 from qwen3_lightning.tokenizer import CharTokenizer
-
-transformers = pytest.importorskip("transformers")
 
 CONFIG = Qwen3Config(
     vocab_size=83,

@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.interop import export_pretrained, load_checkpoint
 from qwen3_lightning.model import Qwen3Transformer
 from qwen3_lightning.tokenizer import CharTokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TEXT = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。 Hello, world! 𠀀😀"
 

@@ -1,10 +1,9 @@
 import pytest
 import torch
+import transformers
 
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.model import KVCache, Qwen3Transformer
-
-transformers = pytest.importorskip("transformers")
 
 # multi-head, GQA 2:1 and 4:1, head_dim unlike hidden/heads, tied and untied, with and without bias
 SHAPES = {

@@ -604,7 +604,7 @@ def test_bad_fit_input_is_refused_before_training(case, corpus, tmp_path, capsys
         main(fit_args(corpus, run, "--trainer.max_steps", "2", *extra(data_dir)))
     assert exit_info.value.code != 0
     reported = str(exit_info.value.code) + capsys.readouterr().err
-    assert pytest.importorskip("re").search(message, reported), reported
+    assert re.search(message, reported), reported
     assert not (run / "checkpoints").exists()
 
 
