@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import types
 import warnings
 import weakref
@@ -39,10 +40,12 @@ def check_generate_kwargs(kwargs: dict[str, object]) -> dict[str, object]:
 
 def check_decoding_args(
     temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int = 0, compile: bool | str = False
-) -> None:
+) -> int:
     """The checks of every way in to decoding (``generate``, the CLI's, ``model.generate_kwargs``): a bad value
-    is an error before a checkpoint loads or a prompt is encoded."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    is an error before a checkpoint loads or a prompt is encoded. Returns ``max_new_tokens`` as an ``int`` (it
+    may come as a numpy or 0-d tensor integer)."""
+    new = _whole_number(max_new_tokens)
+    if new is None or new < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 0.")
     if compile not in COMPILE_CHOICES:
         raise ValueError(
@@ -55,6 +58,17 @@ def check_decoding_args(
         raise ValueError(f"top_k={top_k} must be a positive integer, or None to keep every token.")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1], or None to keep every token.")
+    return new
+
+
+def _whole_number(value: object) -> int | None:
+    """``value`` as an ``int`` where it is a whole number (numpy and 0-d tensor integers too, not a bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def sample_next_token(
@@ -98,7 +112,7 @@ def decode_loop(
     compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), up to ``max_new_tokens`` times or until all rows met eos."""
-    check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
+    max_new_tokens = check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids must be (batch, length) with length >= 1; got shape {tuple(input_ids.shape)}. "

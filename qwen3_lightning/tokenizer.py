@@ -104,16 +104,22 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, state: dict, source: str = "the state") -> CharTokenizer:
-        vocab = state.get("vocab") if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{source} holds no character vocabulary (a 'vocab' list of strings).")
+        # format and version first: a later version may lay the vocabulary out otherwise
+        form, version = state.get("format", _FORMAT), state.get("version", _VERSION)
+        if form != _FORMAT:
+            raise ValueError(f"{source} holds a vocabulary of format {form!r}, not a CharTokenizer's ({_FORMAT!r}).")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"{source} has version={version!r}; a CharTokenizer's version is a whole number >= 1.")
+        if version > _VERSION:
+            raise ValueError(
+                f"{source} holds a CharTokenizer vocabulary of version {version}, which a newer qwen3_lightning "
+                f"wrote; this one reads up to version {_VERSION}: upgrade the package to read it."
+            )
+        vocab = state.get("vocab")
         if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
             raise ValueError(f"{source} holds no character vocabulary (a 'vocab' list of strings).")
-        version = state.get("version", _VERSION)
-        if state.get("format", _FORMAT) != _FORMAT or not isinstance(version, int) or version > _VERSION:
-            raise ValueError(
-                f"{source} holds a vocabulary of format {state.get('format')!r}, version {version!r}; this "
-                f"qwen3_lightning reads {_FORMAT!r} up to version {_VERSION}. A newer qwen3_lightning wrote it: "
-                "upgrade the package to read it."
-            )
         tokenizer = cls(min_freq=state.get("min_freq", 1))
         tokenizer.max_vocab_size = state.get("max_vocab_size")
         tokenizer._set_vocab(vocab)

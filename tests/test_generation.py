@@ -189,6 +189,16 @@ def test_generate_kwargs_are_checked_with_the_same_words_as_generate(kwargs, mes
     assert check_generate_kwargs({"temperature": 0})["temperature"] == 0
 
 
+def test_max_new_tokens_may_be_a_numpy_or_tensor_integer(pair):
+    import numpy as np
+
+    _, ours = pair
+    prompt = torch.randint(4, 83, (1, 5))
+    expected = ours.generate(prompt, 4, temperature=0)
+    for n in (np.int64(4), torch.tensor(4)):
+        assert torch.equal(ours.generate(prompt, n, temperature=0), expected)
+
+
 def test_empty_input_is_refused(pair):
     with pytest.raises(ValueError, match="Start an empty prompt with the <bos> token"):
         pair[1].generate(torch.ones(1, 0, dtype=torch.long), 5)

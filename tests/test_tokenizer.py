@@ -267,13 +267,23 @@ def test_load_of_a_transformers_tokenizer_says_which_file_to_use(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "header", [{"version": 2}, {"format": "another.Tokenizer"}, {"version": "1.0"}], ids=["newer", "other", "str"]
+    ("header", "message"),
+    [
+        ({"version": 2}, "vocabulary of version 2, which a newer qwen3_lightning wrote; .*upgrade the package"),
+        # a later version may lay the vocabulary out otherwise: still told to upgrade
+        ({"version": 2, "vocab": {"a": 4}}, "vocabulary of version 2, which a newer qwen3_lightning wrote"),
+        ({"format": "another.Tokenizer"}, r"format 'another.Tokenizer', not a CharTokenizer's"),
+        ({"version": "1.0"}, "version='1.0'; a CharTokenizer's version is a whole number >= 1"),
+        ({"version": True}, "version=True"),
+        ({"version": 0}, "version=0"),
+    ],
+    ids=["newer", "newer-layout", "other", "str", "bool", "zero"],
 )
-def test_load_refuses_a_format_or_version_it_does_not_know(tmp_path, header):
+def test_load_refuses_a_format_or_version_it_does_not_know(tmp_path, header, message):
     path = tmp_path / "tokenizer.json"
     state = {**CharTokenizer().build_vocab(["ab"]).to_dict(), **header}
     path.write_text(json.dumps(state), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"format .*version .*upgrade the package") as err:
+    with pytest.raises(ValueError, match=message) as err:
         CharTokenizer.load(path)
     assert str(path) in str(err.value)
 
