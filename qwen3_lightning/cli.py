@@ -128,6 +128,7 @@ class Qwen3CLI(LightningCLI):
             )
         initial = config.model.initial_checkpoint
         config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial, root)
+        check_ckpt_path(config.ckpt_path)
         if initial is not None and config.ckpt_path is not None:
             config.model.initial_checkpoint = None  # the weights come from ckpt_path: the file is not even read
         elif initial is not None:
@@ -338,6 +339,20 @@ def resolve_ckpt_path(
         "at each validation and when a run ends; check --trainer.default_root_dir (or --checkpoint.dirpath), or give "
         "a checkpoint file."
     )
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A ``--ckpt_path`` that does not exist, is a folder (a run's checkpoints, an export) or is not a checkpoint
+    of this package: said now, as ``generate`` and ``export`` say it, not by a traceback from Lightning's loading
+    once the run has started. Remote paths, ``hpc``, and folders of sharded checkpoints are left to Lightning."""
+    from qwen3_lightning.interop import is_export, read_checkpoint
+
+    if ckpt_path is None or ckpt_path == "hpc" or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if path.is_dir() and not is_export(path) and not any(path.glob("*.ckpt")):
+        return  # a sharded checkpoint (FSDP's state_dict_type: sharded) is a folder
+    read_checkpoint(path, mmap=True)
 
 
 CHECKPOINT_KEYS = ("checkpoint", "periodic_checkpoint", "resume_checkpoint")

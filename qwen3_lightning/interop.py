@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -192,8 +193,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if code:
             why = f"it holds pickled code ({code.group(1)}), which is never run here"
-        elif isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
-            why = "it is not a file written by torch.save"
+        elif not zipfile.is_zipfile(path) or isinstance(err, pickle.UnpicklingError) or "Weights only" in str(err):
+            why = "it is not a file written by torch.save"  # (which writes zip archives)
         else:
             why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise ValueError(

@@ -720,7 +720,7 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     ("args", "message"),
     [
         (["--ckpt_path", "{missing}"], "checkpoint .*missing.ckpt does not exist"),
-        (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint"),
+        (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint: it is not a file written by torch.save"),
         (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number >= 0"),
         (["--top_p", "0"], "top_p=0.0 must be in"),
         (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64; ask for at most 63 new"),
@@ -737,6 +737,26 @@ def test_bad_generation_input_is_refused(corpus, tmp_path, args, message):
         args = ["--ckpt_path", str(run / "checkpoints/last.ckpt"), *args]
     with pytest.raises(SystemExit, match=message):
         main(["generate", *args])
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_a_ckpt_path_that_is_no_checkpoint_is_refused_before_any_work(corpus, tmp_path, subcommand):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "1"))
+    main(["export", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--out_dir", str(tmp_path / "hf")])
+    bad = {
+        str(tmp_path / "missing.ckpt"): "checkpoint .*missing.ckpt does not exist",
+        str(run / "checkpoints"): r"checkpoints is a folder; pass one checkpoint file in it \(.*last.ckpt",
+        str(tmp_path / "hf"): "hf is an exported transformers model folder, not a training checkpoint",
+        write(tmp_path / "notes.ckpt", "some notes about training"): "it is not a file written by torch.save",
+    }
+    extra = {"test": ["--data.test_path", str(corpus)], "predict": ["--data.predict_path", str(corpus)]}
+    other = tmp_path / "other"  # a fresh run folder, so that fit's refusal to overwrite does not answer first
+    for ckpt, message in bad.items():
+        args = [subcommand, *fit_args(corpus, other)[1:], *extra.get(subcommand, []), "--ckpt_path", ckpt]
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):  # the message, not a traceback
+            main(args)
+    assert not other.exists()  # nothing written: no log folder, no config.yaml
 
 
 def test_export_to_a_file_path_is_refused(corpus, tmp_path):
