@@ -72,7 +72,24 @@ class Checkpoint(ModelCheckpoint):
         return moved
 
 
-class ResumeCheckpoint(L.Callback):
+class _EveryNSteps(L.Callback):
+    """Tells the training batches after which a callback acts every ``n`` optimizer steps: those that took an
+    optimizer step landing on a multiple of ``n``. With gradient accumulation, the batches within a window end
+    at the previous step's count, so the step is noted at each batch's start to tell them apart."""
+
+    _step_before = -1
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_before = trainer.global_step
+
+    def _stepped_onto_multiple(self, trainer: L.Trainer, n: int | None) -> bool:
+        step = trainer.global_step
+        return bool(n) and step != self._step_before and step % n == 0
+
+
+class ResumeCheckpoint(_EveryNSteps):
     """Keeps ``last.ckpt`` fresh between validations: every ``every_n_train_steps`` optimizer steps, and when
     the run is stopped from outside (SIGTERM, what schedulers send before preemption, or Ctrl-C). Not on
     errors such as a NaN loss, so a broken state never replaces a good one.
@@ -84,7 +101,7 @@ class ResumeCheckpoint(L.Callback):
 
     def __init__(self, every_n_train_steps: int | None = None, dirpath: str | None = None) -> None:
         self.every_n_train_steps, self.dirpath = every_n_train_steps, dirpath
-        self._saved_step = self._step_before = -1
+        self._saved_step = -1
 
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step or trainer.sanity_checking:
@@ -94,17 +111,10 @@ class ResumeCheckpoint(L.Callback):
         trainer.save_checkpoint(last, weights_only=False)  # a whole checkpoint, optimizer included, to resume
         self._saved_step = trainer.global_step
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step_before = trainer.global_step
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # only after a batch that took an optimizer step: with gradient accumulation, not within a window
-        step = trainer.global_step
-        if self.every_n_train_steps and step != self._step_before and step % self.every_n_train_steps == 0:
+        if self._stepped_onto_multiple(trainer, self.every_n_train_steps):
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -202,7 +212,7 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, reps: int = 5, budget_s: flo
     return 2 * n**3 * reps / best
 
 
-class TextSampler(L.Callback):
+class TextSampler(_EveryNSteps):
     """Writes a few generations from fixed prompts at each validation (or every ``every_n_steps``), to the
     console, to ``samples.jsonl`` beside the metrics, and to TensorBoard when it is a logger. Rank 0 only.
 
@@ -227,7 +237,7 @@ class TextSampler(L.Callback):
         self.prompts = prompts if prompts is not None else [""]
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.every_n_steps, self.seed = every_n_steps, seed
-        self._last_step = self._step_before = -1
+        self._last_step = -1
         self.enabled = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -260,17 +270,10 @@ class TextSampler(L.Callback):
         if self.enabled and self.every_n_steps is None and not trainer.sanity_checking:
             self.sample(trainer, pl_module, trainer.log_dir)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step_before = trainer.global_step
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # only after a batch that took an optimizer step: with gradient accumulation, not within a window
-        step = trainer.global_step
-        if self.enabled and self.every_n_steps and step != self._step_before and step % self.every_n_steps == 0:
+        if self.enabled and self._stepped_onto_multiple(trainer, self.every_n_steps):
             self.sample(trainer, pl_module, trainer.log_dir)
 
     # log_dir is read by the caller on every rank: under DDP, reading it is a collective broadcast
