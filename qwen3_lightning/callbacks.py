@@ -79,6 +79,12 @@ class _EveryNSteps(L.Callback):
 
     _step_before = -1
 
+    def _check_every(self, name: str, n: int | None) -> None:
+        if n is not None and n < 0:
+            raise ValueError(
+                f"{type(self).__name__}: {name}={n} must be a number of optimizer steps >= 1 (0 or None: never)."
+            )
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -100,6 +106,7 @@ class ResumeCheckpoint(_EveryNSteps):
     """
 
     def __init__(self, every_n_train_steps: int | None = None, dirpath: str | None = None) -> None:
+        self._check_every("every_n_train_steps", every_n_train_steps)
         self.every_n_train_steps, self.dirpath = every_n_train_steps, dirpath
         self._saved_step = -1
 
@@ -234,6 +241,7 @@ class TextSampler(_EveryNSteps):
         every_n_steps: int | None = None,
         seed: int = 0,
     ) -> None:
+        self._check_every("every_n_steps", every_n_steps)
         self.prompts = prompts if prompts is not None else [""]
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.every_n_steps, self.seed = every_n_steps, seed

@@ -19,13 +19,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.config import Qwen3Config
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.generation import GENERATE_DEFAULTS
-from qwen3_lightning.module import Qwen3LightningModule
+from qwen3_lightning.module import Qwen3LightningModule, check_trainer_settings
 
 DEFAULT_ROOT = "runs"
 """The run folder (``trainer.default_root_dir``) when none is given: logs and checkpoints go under it."""
@@ -126,6 +126,12 @@ class Qwen3CLI(LightningCLI):
                 "trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only, and this PyTorch sees none. On a "
                 "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
             )
+        if str(config.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.accelerator={config.trainer.accelerator}, but this PyTorch sees no CUDA GPU; use "
+                "--trainer.accelerator cpu (or auto)."
+            )
+        check_trainer_settings(config.trainer.gradient_clip_val, config.trainer.accumulate_grad_batches)
         initial = config.model.initial_checkpoint
         config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial, root)
         check_ckpt_path(config.ckpt_path)
@@ -410,7 +416,7 @@ def generate(
         top_p: sample within the smallest set of tokens holding this much probability.
         num_samples: how many continuations to write.
         seed: seed for reproducible sampling.
-        device: cpu, cuda, or auto (cuda when available).
+        device: cpu, cuda, cuda:N, mps, or auto (cuda when available).
         compile: compile the decoding step with torch.compile (true): a slow first sample, faster tokens after;
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
             of seconds and, on a CPU, two to three times faster tokens again.
@@ -423,8 +429,14 @@ def generate(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N (the N-th GPU) or auto.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch has no Apple GPU (MPS) here; use --device cpu.")
     model, tokenizer = load_checkpoint(ckpt_path)
     model.to(device).eval()
     generator = torch.Generator(device=device)
@@ -534,6 +546,8 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C in generate or export (fit handles its own): no traceback from inside torch
         print(file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except MisconfigurationException as err:  # Lightning's refusal of a setting: its message names the setting
+        sys.exit(f"error: {err}")
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not raised_here(err):
             raise

@@ -5,6 +5,8 @@ This module imports no torch, so configs can be read and checked anywhere.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -114,10 +116,26 @@ class Qwen3Config:
     """Standard deviation of the normal initialization of linear and embedding weights."""
 
     def __post_init__(self) -> None:
+        # numpy numbers are taken as the Python ones; a string or None is refused rather than read as a bool
         for name in (*SIZE_FIELDS, "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            try:
+                number = operator.index(value) if not isinstance(value, bool) else 0
+            except TypeError:
+                number = 0
+            if number < 1:
                 raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive integer.")
+            setattr(self, name, number)
+        for name in ("attention_bias", "tie_word_embeddings"):
+            value = getattr(self, name)
+            if type(value).__name__ not in ("bool", "bool_"):  # (numpy's bool_ too)
+                raise ValueError(f"Qwen3Config.{name}={value!r} must be true or false (a bool, not a string).")
+            setattr(self, name, bool(value))
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool | str) or not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive number.")
+            setattr(self, name, float(value))
         if self.head_dim % 2:
             raise ValueError(
                 f"Qwen3Config.head_dim={self.head_dim} must be even: the rotary embedding rotates pairs of channels."
@@ -128,9 +146,6 @@ class Qwen3Config:
                 f"num_key_value_heads={self.num_key_value_heads}: each key/value head must serve the same "
                 "number of query heads. Pick num_key_value_heads among the divisors of num_attention_heads."
             )
-        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r} must be positive.")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Qwen3Config:

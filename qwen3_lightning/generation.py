@@ -52,13 +52,26 @@ def check_decoding_args(
             f"compile={compile!r}: choose False, True (torch.compile) or 'max-autotune' (in YAML and on the command "
             "line: false, true, max-autotune)."
         )
-    if not temperature >= 0 or temperature == float("inf"):  # NaN fails every comparison
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy decoding).")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be a positive integer, or None to keep every token.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1], or None to keep every token.")
+    t = _number(temperature)
+    if t is None or not t >= 0 or t == float("inf"):  # NaN fails every comparison
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy decoding).")
+    k = _whole_number(top_k)
+    if top_k is not None and (k is None or k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive whole number, or None to keep every token.")
+    p = _number(top_p)
+    if top_p is not None and (p is None or not 0 < p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1], or None to keep every token.")
     return new
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a ``float`` where it is a number (numpy and 0-d tensor numbers too; not a bool or a string)."""
+    if isinstance(value, bool | str):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _whole_number(value: object) -> int | None:

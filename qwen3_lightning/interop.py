@@ -191,8 +191,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for non-checkpoint files
         code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
         if code:
             why = f"it holds pickled code ({code.group(1)}), which is never run here"
+        elif zip_start and not zipfile.is_zipfile(path):  # its end, where a zip lists its contents, is missing
+            why = (
+                "it begins as a file of torch.save does but is cut short or damaged (a copy, a download or a save "
+                "that did not finish?); copy it again, or use another checkpoint"
+            )
         elif not zipfile.is_zipfile(path) or isinstance(err, pickle.UnpicklingError) or "Weights only" in str(err):
             why = "it is not a file written by torch.save"  # (which writes zip archives)
         else:

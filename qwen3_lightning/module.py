@@ -87,6 +87,22 @@ def check_batch(batch: Any) -> None:
         )
 
 
+def check_trainer_settings(gradient_clip_val: float | None, accumulate_grad_batches: int) -> None:
+    """Refuses the Trainer settings that Lightning takes without a word but that break training: a negative
+    clipping value (on paths that clip themselves, it turns every gradient around) and no batches to accumulate
+    (a division by zero at the first step)."""
+    if gradient_clip_val is not None and not gradient_clip_val >= 0:
+        raise ValueError(
+            f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 (the largest gradient norm kept; 0 or "
+            "null: no clipping)."
+        )
+    if accumulate_grad_batches < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be at least 1 (the batches each "
+            "optimizer step adds up; 1: a step per batch)."
+        )
+
+
 def describe_criterion(criterion: nn.Module) -> str:
     """A loss module's class and its plain settings, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1, ...)``:
     what a checkpoint records of the loss it was trained with (the module itself is not saved)."""
@@ -185,6 +201,11 @@ class Qwen3LightningModule(L.LightningModule):
             )
         if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
+        if not (weight_decay >= 0 and eps > 0 and len(betas) == 2 and all(0 <= b < 1 for b in betas)):  # NaN too
+            raise ValueError(
+                f"AdamW needs weight_decay >= 0, eps > 0 and two betas in [0, 1); got weight_decay={weight_decay}, "
+                f"eps={eps}, betas={list(betas)}."
+            )
         # generate_kwargs stays out of the checkpoint: LightningCLI would let saved values override the flags
         self.save_hyperparameters(ignore=["criterion", "generate_kwargs"])
         self.generate_kwargs = check_generate_kwargs(generate_kwargs or {})
@@ -265,6 +286,8 @@ class Qwen3LightningModule(L.LightningModule):
         return flops if self.training else flops / 3
 
     def setup(self, stage: str) -> None:
+        if self._trainer:
+            check_trainer_settings(self.trainer.gradient_clip_val, self.trainer.accumulate_grad_batches)
         datamodule = self.trainer.datamodule if self._trainer else None
         data_vocab = getattr(datamodule, "vocab_size", None)
         if isinstance(data_vocab, int) and data_vocab > self.config.vocab_size:

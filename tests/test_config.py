@@ -89,15 +89,30 @@ def test_for_vocabulary_takes_the_datas_size_over_an_overrides_vocab_size():
         ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
         ({"vocab_size": -5}, "vocab_size=-5"),
         ({"num_decoder_layer": 2.5}, "num_decoder_layer=2.5"),
-        ({"rope_theta": 0.0}, "rope_theta=0.0 must be positive"),
+        ({"rope_theta": 0.0}, "rope_theta=0.0 must be a positive number"),
+        ({"rope_theta": "abc"}, "rope_theta='abc' must be a positive number"),
+        ({"rope_theta": None}, "rope_theta=None must be a positive number"),
+        ({"rope_theta": float("nan")}, "rope_theta=nan"),
+        ({"hidden_size": "128"}, "hidden_size='128' must be a positive integer"),
+        ({"hidden_size": True}, "hidden_size=True must be a positive integer"),
+        ({"attention_bias": "false"}, "attention_bias='false' must be true or false (a bool, not a string)"),
+        ({"tie_word_embeddings": 0}, "tie_word_embeddings=0 must be true or false"),
         ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
         ({"initializer_range": 0}, "initializer_range"),
         ({"max_position_embeddings": 0}, "max_position_embeddings=0"),
     ],
 )
 def test_impossible_values_are_refused(fields, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Qwen3Config(**fields)
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    import numpy as np
+
+    c = Qwen3Config(hidden_size=np.int64(64), rope_theta=np.float32(5e5), attention_bias=np.bool_(True))
+    assert c == Qwen3Config(hidden_size=64, rope_theta=5e5, attention_bias=True)
+    assert type(c.hidden_size) is int and type(c.rope_theta) is float and type(c.attention_bias) is bool
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

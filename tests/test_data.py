@@ -1,6 +1,9 @@
 """Reading text, windowing into examples, padding, length buckets, and the TextDataModule."""
 
+import bz2
+import gzip
 import json
+import lzma
 import math
 import random
 import tempfile
@@ -264,6 +267,38 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     assert f"byte {len(prefix)}" in msg
     assert repr(path.read_bytes()[len(prefix) : len(prefix) + 1]) in msg
     assert "-f GB18030" in msg and "-f CP1252" in msg  # Chinese or Western European: the bytes cannot tell
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "message"),
+    [
+        # ASCII decodes as UTF-8 with a NUL byte between characters: refused, not trained on as half NULs
+        ("Spring sleep.\n\nBirds sing.", "utf-16-le", r"holds NUL characters \(byte 1 is .*iconv -f UTF-16LE -t"),
+        ("Spring sleep.\n\nBirds sing.", "utf-16-be", r"holds NUL characters \(byte 0 is .*iconv -f UTF-16BE -t"),
+        # Chinese does not decode; the NUL bytes of its newlines tell UTF-16 from GBK
+        ("春眠不觉晓\n\n处处闻啼鸟", "utf-16-le", r"is not UTF-8 text: .* `iconv -f UTF-16LE -t UTF-8"),
+    ],
+)
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path, text, encoding, message):
+    path = tmp_path / "u16.txt"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=message):
+        read_documents(path)
+
+
+@pytest.mark.parametrize(
+    ("pack", "message"),
+    [
+        (gzip.compress, r"poems.txt is a gzip-compressed file, not text: unpack it first \(`gunzip -k poems.txt`\)"),
+        (bz2.compress, r"is a bzip2-compressed file, not text: unpack it first \(`bunzip2 -k"),
+        (lzma.compress, r"is a xz-compressed file, not text: unpack it first \(`unxz -k"),
+    ],
+)
+def test_a_compressed_file_is_told_to_be_unpacked(tmp_path, pack, message):
+    path = tmp_path / "poems.txt"
+    path.write_bytes(pack("春眠不觉晓，处处闻啼鸟。".encode() * 20))
+    with pytest.raises(ValueError, match=message):
+        read_documents(path)
 
 
 def test_utf8_cut_in_the_middle_of_a_character_says_so(tmp_path):
@@ -662,9 +697,17 @@ def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_pa
     # no setting dropped them: they only occur in the validation text
     with pytest.warns(UserWarning, match=r"validation characters .* <unk>: they do not occur in the training text"):
         TextDataModule(texts=zh_docs[:1], val_path=str(other)).setup("validate")
+    # and fit, before it picks best.ckpt by that loss (English validation text for a Chinese vocabulary, say)
+    english = tmp_path / "english.txt"
+    english.write_text("Spring sleep, unaware of dawn.\n\nBirds sing everywhere.", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"100.0% of the validation characters .* do not occur in the training text"):
+        TextDataModule(texts=zh_docs, val_path=str(english)).setup("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TextDataModule(texts=zh_docs, val_split=0).setup("fit")  # every character known: no warning
+        mostly_known = tmp_path / "mostly_known.txt"  # a few rare characters (under 20%): the usual, no warning
+        mostly_known.write_text(zh_docs[0] + "鑫", encoding="utf-8")
+        TextDataModule(texts=zh_docs, val_path=str(mostly_known)).setup("fit")
         TextDataModule(test_path=str(other), texts=zh_docs, val_split=0).setup("test")
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("春眠\nX", encoding="utf-8")
@@ -837,3 +880,26 @@ def test_epoch_sampler_deals_out_the_rest_of_an_epoch_over_any_number_of_ranks(i
         ends.append(list(sampler))
     assert [ends[i % ranks][i // ranks] for i in range(items - 1)] == order[: items - 1]
     assert len(ends[0]) == math.ceil((items - 1) / ranks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"texts": [b"\xe6\x98\xa5", "天"]}, r"texts must be a list of str documents; it holds a bytes \(decode"),
+        ({"texts": [1, 2]}, "texts must be a list of str documents; it holds a int"),
+        ({"max_length": "128"}, "data.max_length='128' must be a whole number"),
+        ({"max_length": 64.5}, "data.max_length=64.5 must be a whole number"),
+        ({"batch_size": None}, "data.batch_size=None must be a whole number"),
+        ({"batch_size": 2.5}, "data.batch_size=2.5 must be a whole number"),
+        ({"seed": "a"}, "data.seed='a' must be a whole number"),
+        ({"num_workers": -1}, r"data.num_workers=-1 must be 0 \(load in the main process\) or more"),
+    ],
+)
+def test_python_arguments_of_the_wrong_kind_are_named(zh_docs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TextDataModule(**{"texts": zh_docs, **kwargs})
+
+
+def test_numpy_integers_are_whole_numbers(zh_docs):
+    data = TextDataModule(texts=zh_docs, max_length=np.int64(32), batch_size=np.int32(2), val_split=0)
+    assert next(iter(data.train_dataloader()))["input_ids"].shape[0] == 2

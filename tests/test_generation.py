@@ -160,8 +160,11 @@ def test_stream_yields_the_same_tokens(pair):
             {"attention_mask": torch.tensor([[1, 1, 1, 0, 0]])},
             r"marks the last position of row\(s\) \[0\] as padding: prompts must be left-padded",
         ),
+        ({"temperature": "0.8"}, "temperature='0.8' must be a finite number"),
         ({"top_k": 0}, "top_k=0"),
+        ({"top_k": 2.5}, "top_k=2.5 must be a positive whole number"),
         ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_p": "0.9"}, "top_p='0.9' must be a number in"),
         ({"max_new_tokens": 60}, "exceeds the model's max_position_embeddings=64"),
         ({"max_new_tokens": -1}, "max_new_tokens=-1 must be a whole number >= 0"),
         ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 must be a whole number"),
@@ -178,7 +181,8 @@ def test_bad_generation_arguments(pair, kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"top_p": 0}, r"model.generate_kwargs: top_p=0 must be in \(0, 1\]"),
+        ({"top_p": 0}, r"model.generate_kwargs: top_p=0 must be a number in \(0, 1\]"),
+        ({"top_k": 2.5}, "model.generate_kwargs: top_k=2.5 must be a positive whole number"),
         ({"max_new_tokens": "5"}, "model.generate_kwargs: max_new_tokens='5' must be a whole number"),
         ({"compile": "fast"}, "model.generate_kwargs: compile='fast': choose .*in YAML and on the command line"),
     ],
@@ -197,6 +201,12 @@ def test_max_new_tokens_may_be_a_numpy_or_tensor_integer(pair):
     expected = ours.generate(prompt, 4, temperature=0)
     for n in (np.int64(4), torch.tensor(4)):
         assert torch.equal(ours.generate(prompt, n, temperature=0), expected)
+    # and so may the sampling settings
+    g = torch.Generator().manual_seed(0)
+    sampled = ours.generate(prompt, 4, temperature=0.7, top_k=5, top_p=0.9, generator=g)
+    for k, t, p in ((np.int64(5), np.float32(0.7), np.float64(0.9)), (torch.tensor(5), torch.tensor(0.7), 0.9)):
+        g.manual_seed(0)
+        assert torch.equal(ours.generate(prompt, 4, temperature=t, top_k=k, top_p=p, generator=g), sampled)
 
 
 def test_empty_input_is_refused(pair):

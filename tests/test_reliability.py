@@ -554,6 +554,25 @@ BAD_FIT_INPUT = {
     "unknown model field": (lambda d: ["--model.overrides", "{num_layers: 3}"], r"unknown Qwen3Config field\(s\)"),
     "bad learning rate": (lambda d: ["--model.learning_rate", "-1"], "learning_rate > 0"),
     "bad warmup": (lambda d: ["--model.warmup_steps", "1.5"], "warmup_steps=1.5 must be"),
+    "AdamW betas out of range": (lambda d: ["--model.betas", "[0.9, 1.5]"], r"two betas in \[0, 1\); .*1.5\]"),
+    "negative AdamW eps": (lambda d: ["--model.eps", "-1"], "eps > 0 .*eps=-1"),
+    "negative gradient clipping": (
+        lambda d: ["--trainer.gradient_clip_val", "-1"],
+        r"trainer.gradient_clip_val=-1(\.0)? must be >= 0",
+    ),
+    "no batches to accumulate": (
+        lambda d: ["--trainer.accumulate_grad_batches", "0"],
+        "trainer.accumulate_grad_batches=0 must be at least 1",
+    ),
+    "negative sampling interval": (
+        lambda d: ["--sampler.every_n_steps", "-1"],
+        "TextSampler: every_n_steps=-1 must be a number of optimizer steps >= 1",
+    ),
+    "negative last.ckpt interval": (
+        lambda d: ["--resume_checkpoint.every_n_train_steps", "-3"],
+        "ResumeCheckpoint: every_n_train_steps=-3 must be",
+    ),
+    "a setting Lightning refuses": (lambda d: ["--trainer.max_steps", "-5"], "max_steps.* -5"),
     "examples longer than the model's positions": (
         lambda d: ["--data.max_length", "128"],
         "data.max_length=128 is longer than the model's max_position_embeddings=64",
@@ -608,12 +627,17 @@ def test_bad_fit_input_is_refused_before_training(case, corpus, tmp_path, capsys
     assert not (run / "checkpoints").exists()
 
 
-def test_fsdp_without_a_gpu_is_refused_clearly(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--config", str(ROOT / "configs/fsdp.yaml")], r"trainer.strategy is FSDP, which Lightning runs on CUDA GPUs"),
+        (["--trainer.accelerator", "gpu"], "trainer.accelerator=gpu, but this PyTorch sees no CUDA GPU; use"),
+    ],
+)
+def test_gpu_settings_without_a_gpu_are_refused_clearly(corpus, tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # runs on a GPU machine too
-    with pytest.raises(SystemExit, match=r"trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only"):
-        main(
-            fit_args(corpus, tmp_path / "run", "--config", str(ROOT / "configs/fsdp.yaml"), "--trainer.max_steps", "1")
-        )
+    with pytest.raises(SystemExit, match=message):
+        main(fit_args(corpus, tmp_path / "run", *extra, "--trainer.max_steps", "1"))
     assert not (tmp_path / "run").exists()
 
 
@@ -722,7 +746,7 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
         (["--ckpt_path", "{missing}"], "checkpoint .*missing.ckpt does not exist"),
         (["--ckpt_path", "{text}"], "is not a readable PyTorch checkpoint: it is not a file written by torch.save"),
         (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number >= 0"),
-        (["--top_p", "0"], "top_p=0.0 must be in"),
+        (["--top_p", "0"], "top_p=0.0 must be a number in"),
         (["--max_new_tokens", "1000"], "exceeds the model's max_position_embeddings=64; ask for at most 63 new"),
         (["--prompt", "春" * 70, "--max_new_tokens", "0"], "the prompt alone is too long: shorten it to at most 62"),
         (["--num_samples", "0"], "num_samples=0 must be at least 1"),
@@ -744,8 +768,11 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_refused_before_any_work(corpus, tm
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "1"))
     main(["export", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--out_dir", str(tmp_path / "hf")])
+    whole = (run / "checkpoints/last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(whole[: len(whole) // 2])  # a copy that did not finish
     bad = {
         str(tmp_path / "missing.ckpt"): "checkpoint .*missing.ckpt does not exist",
+        str(tmp_path / "cut.ckpt"): "it begins as a file of torch.save does but is cut short or damaged",
         str(run / "checkpoints"): r"checkpoints is a folder; pass one checkpoint file in it \(.*last.ckpt",
         str(tmp_path / "hf"): "hf is an exported transformers model folder, not a training checkpoint",
         write(tmp_path / "notes.ckpt", "some notes about training"): "it is not a file written by torch.save",
@@ -783,12 +810,18 @@ def test_export_over_an_earlier_export_needs_overwrite(corpus, tmp_path):
     assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
 
 
-def test_generate_on_cuda_without_a_gpu_is_refused(corpus, tmp_path, monkeypatch):
+def test_generate_on_a_device_that_is_not_there_is_refused(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "1"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # runs on a GPU machine too
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    generate = ["generate", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--device"]
     with pytest.raises(SystemExit, match="this PyTorch sees no CUDA GPU; use --device cpu"):
-        main(["generate", "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--device", "cuda"])
+        main([*generate, "cuda"])
+    with pytest.raises(SystemExit, match=r"device='mps', but this PyTorch has no Apple GPU \(MPS\) here"):
+        main([*generate, "mps"])
+    with pytest.raises(SystemExit, match=r"device='gpu' is not a device: use cpu, cuda, cuda:N \(the N-th GPU\)"):
+        main([*generate, "gpu"])
 
 
 def test_lightnings_learning_rate_finder_sweeps_from_its_own_minimum(tmp_path):
@@ -799,3 +832,14 @@ def test_lightnings_learning_rate_finder_sweeps_from_its_own_minimum(tmp_path):
     rates = finder.results["lr"]
     # a sweep up from min_lr, not from the module's learning rate (3e-4)
     assert rates[0] == pytest.approx(1e-6) and rates[1] < 1e-4 and rates == sorted(rates) and len(rates) >= 5
+
+
+def test_a_negative_clipping_value_is_refused_from_python_too(tmp_path):
+    # bf16-mixed clips in the module itself (Lightning refuses to for a fused optimizer): clip_grad_norm_ with a
+    # negative norm turns every gradient around, and the loss would rise
+    data = TextDataModule(texts=POEMS * 4, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=2, precision="bf16-mixed", gradient_clip_val=-1.0)
+    with pytest.raises(ValueError, match=r"trainer.gradient_clip_val=-1.0 must be >= 0"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0
