@@ -489,11 +489,10 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bo
         dtype: float32, bfloat16 or float16; default: the checkpoint's.
         overwrite: write into a directory that already holds files, replacing an earlier export there.
     """
-    from qwen3_lightning.interop import export_pretrained, load_checkpoint
+    from qwen3_lightning.interop import DTYPES, export_pretrained, load_checkpoint
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(dtypes)}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; give the path of a directory to write.")
     held = sorted(p.name for p in Path(out_dir).glob("*")) if Path(out_dir).is_dir() else []
@@ -503,7 +502,7 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bo
             "choose a new directory, or pass --overwrite true to write over them."
         )
     model, tokenizer = load_checkpoint(ckpt_path)
-    out = export_pretrained(model, out_dir, tokenizer, dtypes.get(dtype))
+    out = export_pretrained(model, out_dir, tokenizer, dtype)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 

@@ -21,20 +21,77 @@ if TYPE_CHECKING:
     from qwen3_lightning.tokenizer import CharTokenizer
 
 
-def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype | None = None) -> Qwen3Transformer:
-    from safetensors.torch import load_file
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a floating-point ``torch.dtype``: one already, or its name in ``DTYPES`` (transformers takes
+    names too)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or a floating-point torch.dtype).")
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in ``file``; a clear error naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"line {err.lineno} column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else err
+        raise ValueError(f"{file} is not valid JSON ({where}); fix it, or export the model again.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a {type(data).__name__}, not a JSON object of fields; fix it, or export again.")
+    return data
+
+
+def check_model_path(path: Path) -> None:
+    """Refuses, with what to do instead, a path that is no transformers model directory: a missing path (a hub
+    id among them: nothing is downloaded), a training checkpoint, another file, or a folder without config.json."""
+    if not path.exists():
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+        raise FileNotFoundError(
+            f"{path} does not exist"
+            + (
+                ": it looks like a Hugging Face hub id, but nothing is downloaded here. Give a local directory, "
+                f"e.g. one made by `huggingface-cli download {path} --local-dir DIR` or by "
+                "`python -m qwen3_lightning export`."
+                if hub
+                else "; give a transformers model directory (config.json and *.safetensors)."
+            )
+        )
+    if path.is_file():
+        if path.suffix == ".ckpt" or zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} is a training checkpoint, not a transformers model directory: load it with "
+                "Qwen3LightningModule.load_from_checkpoint(path) (its .model is the Qwen3Transformer), or write a "
+                f"transformers directory with `python -m qwen3_lightning export --ckpt_path {path} --out_dir DIR`."
+            )
+        raise ValueError(
+            f"{path} is a file; pass the transformers model directory that holds config.json and the *.safetensors "
+            f"weights{f' (perhaps {path.parent})' if path.suffix in ('.json', '.safetensors') else ''}."
+        )
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} has no config.json: it is not a transformers model directory. "
             "Export one with `python -m qwen3_lightning export`."
         )
-    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+
+
+def load_pretrained(
+    cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype | str | None = None
+) -> Qwen3Transformer:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    dtype = as_dtype(dtype)
+    check_model_path(path)
+    hf_config = read_json_object(path / "config.json")
     config = Qwen3Config.from_hf_config(hf_config)
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: the files its weight map names, not whatever else lies in the folder
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        weight_map = read_json_object(index).get("weight_map", {})
         files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -45,15 +102,24 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
             f"{path} has no *.safetensors weights (PyTorch .bin files are not read: they "
             "are pickles that can run code)."
         )
-    state: dict[str, torch.Tensor] = {}
+    # the headers first (names and shapes), so that weights that do not fit are refused before any is read
+    shapes: dict[str, tuple[int, ...]] = {}
+    source: dict[str, Path] = {}  # the file each tensor is in, for the messages
     for file in files:
-        state.update(load_file(file))
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key], source[key] = tuple(f.get_slice(key).get_shape()), file
+        except SafetensorError as err:
+            raise ValueError(
+                f"{file} is truncated or not a safetensors file ({err}); download or export it again."
+            ) from None
     with torch.device("meta"):
         model = cls(config)
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
+        shapes.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    missing, unexpected = sorted(expected - shapes.keys()), sorted(shapes.keys() - expected)
     if missing or unexpected:
         untied = missing == ["lm_head.weight"] and "tie_word_embeddings" not in hf_config
         raise ValueError(
@@ -66,6 +132,18 @@ def load_pretrained(cls: type[Qwen3Transformer], path: Path, dtype: torch.dtype 
                 else ""
             )
         )
+    for key, wanted in model.state_dict().items():  # load_state_dict's size mismatch would name no file
+        if key in shapes and shapes[key] != tuple(wanted.shape):
+            raise ValueError(
+                f"{path / 'config.json'} and the weights disagree: {key} is {shapes[key]} in {source[key]} but "
+                f"{tuple(wanted.shape)} in the model that config.json describes (hidden_size={config.hidden_size}, "
+                f"vocab_size={config.vocab_size}); use the config.json saved with these weights."
+            )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.inv_freq = model.model.rotary_emb._inv_freq()
@@ -76,13 +154,37 @@ def export_pretrained(
     model: Qwen3Transformer,
     out_dir: str | Path,
     tokenizer: CharTokenizer | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Writes config.json, model.safetensors and generation_config.json (plus the tokenizer, when given)
-    so that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the model."""
+    so that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the model.
+
+    ``model`` is the ``Qwen3Transformer`` (a ``Qwen3LightningModule``'s ``.model``). An existing ``out_dir`` is
+    written over: these files are replaced, and the shards (``model-0000N-of-0000M.safetensors``) and
+    ``model.safetensors.index.json`` of an earlier sharded export there are deleted, as transformers'
+    ``save_pretrained`` does; other files are left alone."""
     from safetensors.torch import save_file
 
+    from qwen3_lightning.model import Qwen3Transformer
+
+    if not isinstance(model, Qwen3Transformer):
+        raise ValueError(
+            f"export_pretrained takes a Qwen3Transformer, got a {type(model).__name__}: for a "
+            "Qwen3LightningModule pass module.model (built by load_from_checkpoint or module.configure_model())."
+        )
+    dtype = as_dtype(dtype)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}: its ids from {model.config.vocab_size} on have no embedding. Pass the "
+            "tokenizer the model was trained with."
+        )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; give the path of a directory to write.")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"out_dir {out} is under {parent}, which is a file; give the path of a directory to write.")
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_config()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
@@ -228,7 +330,7 @@ def exported_tokenizer(path: str | Path) -> CharTokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json; a directory written by export has one.")
-    model = json.loads(file.read_text(encoding="utf-8")).get("model") or {}
+    model = read_json_object(file).get("model") or {}
     vocab = model.get("vocab")
     tokens = sorted(vocab, key=vocab.get) if model.get("type") == "WordLevel" and isinstance(vocab, dict) else []
     if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS) or [vocab[t] for t in tokens] != list(range(len(tokens))):
@@ -253,7 +355,7 @@ def read_initial_checkpoint(path: str | Path, weights: bool = True) -> dict:
         model = load_pretrained(Qwen3Transformer, Path(path))
         config, state = model.config, {f"model.{k}": v for k, v in model.state_dict().items()}
     else:
-        config, state = Qwen3Config.from_hf_config(json.loads((Path(path) / "config.json").read_text("utf-8"))), None
+        config, state = Qwen3Config.from_hf_config(read_json_object(Path(path) / "config.json")), None
     shape = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "vocab_size"}
     checkpoint = {
         "hyper_parameters": {"preset": "tiny", "overrides": shape, "vocab_size": config.vocab_size},

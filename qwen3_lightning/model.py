@@ -342,8 +342,9 @@ class Qwen3Transformer(nn.Module):
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids.clone()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> Qwen3Transformer:
-        """Loads a transformers Qwen3 directory (config.json + safetensors), such as one written by ``export``."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None) -> Qwen3Transformer:
+        """Loads a transformers Qwen3 directory (config.json + safetensors), such as one written by ``export``;
+        ``dtype`` is a ``torch.dtype`` or its name (float32, bfloat16, float16)."""
         from qwen3_lightning.interop import load_pretrained
 
         return load_pretrained(cls, Path(path), dtype)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -163,3 +164,105 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
     with pytest.raises(ValueError, match="not a checkpoint of a qwen3_lightning training run"):
         load_checkpoint(other)
+
+
+def test_export_refuses_what_is_not_a_qwen3_transformer(tmp_path):
+    from qwen3_lightning.module import Qwen3LightningModule
+
+    module = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=64)
+    module.configure_model()
+    with pytest.raises(ValueError, match=r"got a Qwen3LightningModule.*pass module\.model"):
+        export_pretrained(module, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    export_pretrained(module.model, tmp_path / "out")
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    tokenizer = CharTokenizer().build_vocab([TEXT])
+    small = Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size - 1))
+    with pytest.raises(ValueError, match=rf"{tokenizer.vocab_size} tokens.*vocab_size is {tokenizer.vocab_size - 1}"):
+        export_pretrained(small, tmp_path / "out", tokenizer)
+    assert not (tmp_path / "out").exists()
+    padded = Qwen3Transformer(small_config(vocab_size=tokenizer.vocab_size + 7))  # a padded vocabulary is normal
+    export_pretrained(padded, tmp_path / "out", tokenizer)
+    assert Qwen3Transformer.from_pretrained(tmp_path / "out").config.vocab_size == tokenizer.vocab_size + 7
+
+
+def test_export_refuses_an_out_dir_that_is_or_is_under_a_file(tmp_path):
+    model = Qwen3Transformer(small_config())
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt is a file"):
+        export_pretrained(model, file)
+    with pytest.raises(ValueError, match=r"notes\.txt/sub is under .*notes\.txt, which is a file"):
+        export_pretrained(model, file / "sub")
+    assert file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"vocab_size": 64,\n "hidden_size": 32,,}', r"config\.json is not valid JSON \(.*line 2 column"),
+        ("[1, 2]", r"config\.json holds a list, not a JSON object"),
+    ],
+)
+def test_from_pretrained_refuses_a_config_json_that_is_no_object(tmp_path, text, message):
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Qwen3Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "tensor", "stored", "wanted"),
+    [
+        ({"hidden_size": 48}, "model.embed_tokens.weight", (64, 32), (64, 48)),
+        ({"vocab_size": 80}, "model.embed_tokens.weight", (64, 32), (80, 32)),
+        ({"intermediate_size": 96}, "model.layers.0.mlp.gate_proj.weight", (64, 32), (96, 32)),
+    ],
+)
+def test_from_pretrained_refuses_a_config_json_that_disagrees_with_the_weights(tmp_path, field, tensor, stored, wanted):
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **field}))
+    message = (
+        f"config.json and the weights disagree: {tensor} is {stored} in {tmp_path / 'model.safetensors'} but {wanted}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Qwen3Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_names_a_truncated_safetensors_file(tmp_path):
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    for size in (20, len(data) // 2):
+        weights.write_bytes(data[:size])
+        with pytest.raises(ValueError, match=r"model\.safetensors is truncated or not a safetensors file"):
+            Qwen3Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_takes_dtype_names(tmp_path):
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        assert Qwen3Transformer.from_pretrained(tmp_path, dtype=name).lm_head.weight.dtype == dtype
+    assert Qwen3Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    for bad in ("fp16", "int8", torch.int64):
+        with pytest.raises(ValueError, match=r"dtype=.* is not one of float32, bfloat16, float16"):
+            Qwen3Transformer.from_pretrained(tmp_path, dtype=bad)
+
+
+def test_from_pretrained_explains_a_checkpoint_or_a_hub_id(tmp_path, monkeypatch):
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(
+        ValueError, match=r"best\.ckpt is a training checkpoint.*Qwen3LightningModule\.load_from_checkpoint.*export"
+    ):
+        Qwen3Transformer.from_pretrained(ckpt)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"Qwen/Qwen3-0\.6B does not exist.*nothing is downloaded.*huggingface-cli download"
+    ):
+        Qwen3Transformer.from_pretrained("Qwen/Qwen3-0.6B")
+    with pytest.raises(FileNotFoundError, match=r"missing_dir does not exist"):
+        Qwen3Transformer.from_pretrained(tmp_path / "missing_dir")
