@@ -50,7 +50,8 @@ def check_model_path(path: Path) -> None:
     """Refuses, with what to do instead, a path that is no transformers model directory: a missing path (a hub
     id among them: nothing is downloaded), a training checkpoint, another file, or a folder without config.json."""
     if not path.exists():
-        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+        # owner/name, where no local folder "owner" exists
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None and not path.parent.exists()
         raise FileNotFoundError(
             f"{path} does not exist"
             + (

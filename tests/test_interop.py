@@ -266,3 +266,6 @@ def test_from_pretrained_explains_a_checkpoint_or_a_hub_id(tmp_path, monkeypatch
         Qwen3Transformer.from_pretrained("Qwen/Qwen3-0.6B")
     with pytest.raises(FileNotFoundError, match=r"missing_dir does not exist"):
         Qwen3Transformer.from_pretrained(tmp_path / "missing_dir")
+    (tmp_path / "runs").mkdir()  # a missing folder inside a local one is no hub id
+    with pytest.raises(FileNotFoundError, match=r"runs/tiny does not exist; give a transformers model directory"):
+        Qwen3Transformer.from_pretrained("runs/tiny")
