@@ -70,7 +70,14 @@ def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
                 f"data path {p} does not exist (working directory: {Path.cwd()}). "
                 "Pass an existing .txt/.jsonl file or a directory of them."
             )
-    return files
+    first: dict[Path, Path] = {}
+    for f in files:
+        first.setdefault(f.resolve(), f)  # each file as first named
+    unique = list(first.values())
+    if len(unique) < len(files):  # a file listed twice, or a file and its folder: its text would count double
+        twice = sorted({str(f) for f in files if sum(g.resolve() == f.resolve() for g in files) > 1})
+        rank_zero_warn(f"data paths name {', '.join(twice[:3])} more than once; each file is read once.")
+    return unique
 
 
 COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"PK\x03\x04": ("zip", "unzip"), b"\xfd7zXZ": ("xz", "unxz -k"),
@@ -578,6 +585,17 @@ class TextDataModule(L.LightningDataModule):
             train_docs = load_corpus(hp.train_path or SAMPLE_CORPUS, separator)
         if hp.val_path is not None:
             val_docs = self._val_path_documents
+            if self._texts is None:
+                resolved = [
+                    {f.resolve() for f in find_text_files(p)} for p in (hp.train_path or SAMPLE_CORPUS, hp.val_path)
+                ]
+                shared = resolved[0] & resolved[1]
+                if shared:
+                    rank_zero_warn(
+                        f"data.val_path and data.train_path both hold {', '.join(sorted(map(str, shared))[:3])}: the "
+                        "model trains on its validation text, so val_loss (and best.ckpt's choice) says nothing of "
+                        "text it has not seen. Give validation files kept out of training, or only data.val_split."
+                    )
         elif hp.val_split > 0:
             order = list(range(len(train_docs)))
             random.Random(hp.seed).shuffle(order)

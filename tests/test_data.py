@@ -903,3 +903,16 @@ def test_python_arguments_of_the_wrong_kind_are_named(zh_docs, kwargs, message):
 def test_numpy_integers_are_whole_numbers(zh_docs):
     data = TextDataModule(texts=zh_docs, max_length=np.int64(32), batch_size=np.int32(2), val_split=0)
     assert next(iter(data.train_dataloader()))["input_ids"].shape[0] == 2
+
+
+def test_a_file_named_twice_is_read_once_and_said(zh_corpus_file):
+    with pytest.warns(UserWarning, match=r"data paths name .*corpus.txt more than once; each file is read once"):
+        twice = TextDataModule(train_path=[str(zh_corpus_file), str(zh_corpus_file.parent)], val_split=0)
+    once = TextDataModule(train_path=str(zh_corpus_file), val_split=0)
+    assert len(twice.train_dataset.corpus) == len(once.train_dataset.corpus)
+    assert find_text_files([zh_corpus_file, zh_corpus_file.parent]) == [zh_corpus_file]  # as first named
+
+
+def test_validation_files_that_are_also_trained_on_are_warned_of(zh_corpus_file):
+    with pytest.warns(UserWarning, match=r"data.val_path and data.train_path both hold .*corpus.txt: the model trains"):
+        TextDataModule(train_path=str(zh_corpus_file.parent), val_path=str(zh_corpus_file))
