@@ -429,10 +429,9 @@ def generate(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N (the N-th GPU) or auto.") from None
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N (the N-th GPU), mps or auto.")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
     if kind == "mps" and not torch.backends.mps.is_available():
@@ -489,10 +488,9 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bo
         dtype: float32, bfloat16 or float16; default: the checkpoint's.
         overwrite: write into a directory that already holds files, replacing an earlier export there.
     """
-    from qwen3_lightning.interop import DTYPES, export_pretrained, load_checkpoint
+    from qwen3_lightning.interop import as_dtype, export_pretrained, load_checkpoint
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+    dtype = as_dtype(dtype)  # before the checkpoint is read
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; give the path of a directory to write.")
     held = sorted(p.name for p in Path(out_dir).glob("*")) if Path(out_dir).is_dir() else []

@@ -5,7 +5,6 @@ This module imports no torch, so configs can be read and checked anywhere.
 
 from __future__ import annotations
 
-import numbers
 import operator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -84,6 +83,28 @@ WEIGHT_SHAPE_FIELDS = (*SIZE_FIELDS, "attention_bias", "tie_word_embeddings")
 """Every field the weights' names and shapes depend on: a checkpoint resumes only into a config that agrees."""
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as an ``int`` where it is a whole number (numpy and 0-d tensor integers too), else None: a
+    bool, a float or a string is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def as_float(value: object) -> float | None:
+    """``value`` as a ``float`` where it is a number (numpy and 0-d tensor numbers too), else None: a bool or a
+    string is not one."""
+    if isinstance(value, bool | str):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass
 class Qwen3Config:
     """The shape of a Qwen3 decoder. Field names follow the original trainer and transformers."""
@@ -118,24 +139,20 @@ class Qwen3Config:
     def __post_init__(self) -> None:
         # numpy numbers are taken as the Python ones; a string or None is refused rather than read as a bool
         for name in (*SIZE_FIELDS, "max_position_embeddings"):
-            value = getattr(self, name)
-            try:
-                number = operator.index(value) if not isinstance(value, bool) else 0
-            except TypeError:
-                number = 0
-            if number < 1:
-                raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive integer.")
-            setattr(self, name, number)
+            value = as_int(getattr(self, name))
+            if value is None or value < 1:
+                raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r} must be a positive integer.")
+            setattr(self, name, value)
         for name in ("attention_bias", "tie_word_embeddings"):
             value = getattr(self, name)
             if type(value).__name__ not in ("bool", "bool_"):  # (numpy's bool_ too)
-                raise ValueError(f"Qwen3Config.{name}={value!r} must be true or false (a bool, not a string).")
+                raise ValueError(f"Qwen3Config.{name}={value!r} must be true or false, not a {type(value).__name__}.")
             setattr(self, name, bool(value))
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool | str) or not isinstance(value, numbers.Real) or not value > 0:
-                raise ValueError(f"Qwen3Config.{name}={value!r} must be a positive number.")
-            setattr(self, name, float(value))
+            value = as_float(getattr(self, name))
+            if value is None or not value > 0:  # NaN fails every comparison
+                raise ValueError(f"Qwen3Config.{name}={getattr(self, name)!r} must be a positive number.")
+            setattr(self, name, value)
         if self.head_dim % 2:
             raise ValueError(
                 f"Qwen3Config.head_dim={self.head_dim} must be even: the rotary embedding rotates pairs of channels."

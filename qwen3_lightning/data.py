@@ -8,12 +8,12 @@ import itertools
 import json
 import logging
 import math
-import numbers
 import os
 import random
 import re
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from qwen3_lightning.config import as_int
 from qwen3_lightning.tokenizer import SPECIAL_TOKENS, CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,17 @@ def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     first: dict[Path, Path] = {}
     for f in files:
         first.setdefault(f.resolve(), f)  # each file as first named
-    unique = list(first.values())
-    if len(unique) < len(files):  # a file listed twice, or a file and its folder: its text would count double
-        twice = sorted({str(f) for f in files if sum(g.resolve() == f.resolve() for g in files) > 1})
+    if len(first) < len(files):  # a file listed twice, or a file and its folder: its text would count double
+        counts = Counter(f.resolve() for f in files)
+        twice = sorted(str(first[f]) for f, n in counts.items() if n > 1)
         rank_zero_warn(f"data paths name {', '.join(twice[:3])} more than once; each file is read once.")
-    return unique
+    return list(first.values())
 
 
-COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"PK\x03\x04": ("zip", "unzip"), b"\xfd7zXZ": ("xz", "unxz -k"),
-              b"BZh": ("bzip2", "bunzip2 -k"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}  # fmt: skip
-"""The first bytes of compressed files, their format, and the command that unpacks one."""
+COMPRESSED = {rb"\x1f\x8b": ("a gzip", "gunzip -k"), rb"PK\x03\x04": ("a zip", "unzip"),
+              rb"\xfd7zXZ\x00": ("an xz", "unxz -k"), rb"BZh[1-9]1AY&SY": ("a bzip2", "bunzip2 -k"),
+              rb"\x28\xb5\x2f\xfd": ("a zstd", "unzstd")}  # fmt: skip
+"""The first bytes of compressed files (as regular expressions), their format, and the command that unpacks one."""
 
 
 def read_text(file: Path) -> str:
@@ -90,10 +92,10 @@ def read_text(file: Path) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        packed = next((how for magic, how in COMPRESSED.items() if raw.startswith(magic)), None)
+        packed = next((how for magic, how in COMPRESSED.items() if re.match(magic, raw[:16])), None)
         if packed:
             raise ValueError(
-                f"{file} is a {packed[0]}-compressed file, not text: unpack it first (`{packed[1]} {file.name}`) "
+                f"{file} is {packed[0]}-compressed file, not text: unpack it first (`{packed[1]} {file.name}`) "
                 "and give the unpacked file."
             ) from None
         start = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
@@ -107,7 +109,7 @@ def read_text(file: Path) -> str:
         }
         source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), None)
         if source is None and 0 in raw[:4096]:  # NUL bytes: UTF-16 without a mark (its newlines, at least)
-            source = f"UTF-16{utf16_order(raw.index(0))}"
+            source = f"UTF-16{utf16_order(raw)}"
         if source is None and start < 4 and 0x80 <= raw[start] < 0xC0:  # a UTF-8 continuation byte first
             rest = raw[start:].lstrip(bytes(range(0x80, 0xC0)))
             try:
@@ -136,28 +138,31 @@ def read_text(file: Path) -> str:
         raise ValueError(
             f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. Convert it, e.g. {how}."
         ) from None
-    if "\x00" in text:  # no text holds NUL; every other byte of one is NUL in UTF-16 without a byte-order mark
-        start = raw.index(0)
+    # UTF-16 without a byte-order mark decodes as UTF-8 where it is ASCII, every other byte NUL (a stray NUL in
+    # real text is left alone: it is one more character)
+    head = raw[:4096]
+    if head.count(0) > len(head) // 10:
         raise ValueError(
-            f"{file} holds NUL characters (byte {start} is b'\\x00'), which no text does: it is most likely UTF-16 "
-            f"without a byte-order mark. Convert it, e.g. `iconv -f UTF-16{utf16_order(start)} -t UTF-8 in.txt > "
+            f"{file} is {head.count(0) / len(head):.0%} NUL bytes, which no text is: it is most likely UTF-16 "
+            f"without a byte-order mark. Convert it, e.g. `iconv -f UTF-16{utf16_order(raw)} -t UTF-8 in.txt > "
             "out.txt`; a binary file cannot be trained on."
         )
     return text
 
 
 def whole_number(name: str, value: object) -> int:
-    """``value`` as an ``int``, refused where it is no whole number (numpy integers are; a bool, a float or a
-    string is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``value`` as an ``int`` (``config.as_int``), refused by ``name`` where it is no whole number."""
+    number = as_int(value)
+    if number is None:
         raise ValueError(f"{name}={value!r} must be a whole number.")
-    return int(value)
+    return number
 
 
-def utf16_order(nul: int) -> str:
-    """UTF-16's byte order, from where its first NUL byte is: the high byte of an ASCII character, which comes
-    first (even offset) in big-endian order."""
-    return "BE" if nul % 2 == 0 else "LE"
+def utf16_order(raw: bytes) -> str:
+    """The byte order of UTF-16 text without a byte-order mark, from where most of its NUL bytes are: the high
+    bytes of ASCII characters (newlines at least), which come first (even offsets) in big-endian order."""
+    head = raw[:4096]
+    return "BE" if head[0::2].count(0) > head[1::2].count(0) else "LE"
 
 
 def parse_separator(separator: str) -> str:

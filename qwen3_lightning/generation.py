@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 import types
 import warnings
 import weakref
@@ -12,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from qwen3_lightning.config import as_float, as_int
 
 if TYPE_CHECKING:
     from qwen3_lightning.model import Qwen3Transformer
@@ -44,7 +45,7 @@ def check_decoding_args(
     """The checks of every way in to decoding (``generate``, the CLI's, ``model.generate_kwargs``): a bad value
     is an error before a checkpoint loads or a prompt is encoded. Returns ``max_new_tokens`` as an ``int`` (it
     may come as a numpy or 0-d tensor integer)."""
-    new = _whole_number(max_new_tokens)
+    new = as_int(max_new_tokens)
     if new is None or new < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 0.")
     if compile not in COMPILE_CHOICES:
@@ -52,36 +53,16 @@ def check_decoding_args(
             f"compile={compile!r}: choose False, True (torch.compile) or 'max-autotune' (in YAML and on the command "
             "line: false, true, max-autotune)."
         )
-    t = _number(temperature)
+    t = as_float(temperature)
     if t is None or not t >= 0 or t == float("inf"):  # NaN fails every comparison
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy decoding).")
-    k = _whole_number(top_k)
+    k = as_int(top_k)
     if top_k is not None and (k is None or k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive whole number, or None to keep every token.")
-    p = _number(top_p)
+    p = as_float(top_p)
     if top_p is not None and (p is None or not 0 < p <= 1):
         raise ValueError(f"top_p={top_p!r} must be a number in (0, 1], or None to keep every token.")
     return new
-
-
-def _number(value: object) -> float | None:
-    """``value`` as a ``float`` where it is a number (numpy and 0-d tensor numbers too; not a bool or a string)."""
-    if isinstance(value, bool | str):
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _whole_number(value: object) -> int | None:
-    """``value`` as an ``int`` where it is a whole number (numpy and 0-d tensor integers too, not a bool)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def sample_next_token(

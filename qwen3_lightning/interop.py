@@ -46,6 +46,12 @@ def read_json_object(file: Path) -> dict:
     return data
 
 
+def is_torch_save(path: Path) -> bool:
+    """Whether the zip archive ``path`` is one torch.save wrote (its pickle is ``<name>/data.pkl``)."""
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/data.pkl") for name in archive.namelist())
+
+
 def check_model_path(path: Path) -> None:
     """Refuses, with what to do instead, a path that is no transformers model directory: a missing path (a hub
     id among them: nothing is downloaded), a training checkpoint, another file, or a folder without config.json."""
@@ -63,12 +69,14 @@ def check_model_path(path: Path) -> None:
             )
         )
     if path.is_file():
-        if path.suffix == ".ckpt" or zipfile.is_zipfile(path):
+        if path.suffix == ".ckpt" or (zipfile.is_zipfile(path) and is_torch_save(path)):
             raise ValueError(
                 f"{path} is a training checkpoint, not a transformers model directory: load it with "
                 "Qwen3LightningModule.load_from_checkpoint(path) (its .model is the Qwen3Transformer), or write a "
                 f"transformers directory with `python -m qwen3_lightning export --ckpt_path {path} --out_dir DIR`."
             )
+        if zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is a zip archive: unzip it, and pass the model directory it holds.")
         raise ValueError(
             f"{path} is a file; pass the transformers model directory that holds config.json and the *.safetensors "
             f"weights{f' (perhaps {path.parent})' if path.suffix in ('.json', '.safetensors') else ''}."

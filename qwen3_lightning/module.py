@@ -93,8 +93,8 @@ def check_trainer_settings(gradient_clip_val: float | None, accumulate_grad_batc
     (a division by zero at the first step)."""
     if gradient_clip_val is not None and not gradient_clip_val >= 0:
         raise ValueError(
-            f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 (the largest gradient norm kept; 0 or "
-            "null: no clipping)."
+            f"trainer.gradient_clip_val={gradient_clip_val} must be >= 0 (the largest gradient norm, or value "
+            "with gradient_clip_algorithm=value, kept; 0 or null: no clipping)."
         )
     if accumulate_grad_batches < 1:
         raise ValueError(
@@ -201,11 +201,11 @@ class Qwen3LightningModule(L.LightningModule):
             )
         if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
-        if not (weight_decay >= 0 and eps > 0 and len(betas) == 2 and all(0 <= b < 1 for b in betas)):  # NaN too
-            raise ValueError(
-                f"AdamW needs weight_decay >= 0, eps > 0 and two betas in [0, 1); got weight_decay={weight_decay}, "
-                f"eps={eps}, betas={list(betas)}."
-            )
+        for name, value in (("weight_decay", weight_decay), ("eps", eps)):
+            if not value >= 0:  # NaN too
+                raise ValueError(f"model.{name}={value} must be >= 0 (AdamW's).")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"model.betas={list(betas)} must be two numbers in [0, 1) (AdamW's), e.g. [0.9, 0.95].")
         # generate_kwargs stays out of the checkpoint: LightningCLI would let saved values override the flags
         self.save_hyperparameters(ignore=["criterion", "generate_kwargs"])
         self.generate_kwargs = check_generate_kwargs(generate_kwargs or {})

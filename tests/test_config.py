@@ -95,7 +95,7 @@ def test_for_vocabulary_takes_the_datas_size_over_an_overrides_vocab_size():
         ({"rope_theta": float("nan")}, "rope_theta=nan"),
         ({"hidden_size": "128"}, "hidden_size='128' must be a positive integer"),
         ({"hidden_size": True}, "hidden_size=True must be a positive integer"),
-        ({"attention_bias": "false"}, "attention_bias='false' must be true or false (a bool, not a string)"),
+        ({"attention_bias": "false"}, "attention_bias='false' must be true or false, not a str"),
         ({"tie_word_embeddings": 0}, "tie_word_embeddings=0 must be true or false"),
         ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
         ({"initializer_range": 0}, "initializer_range"),

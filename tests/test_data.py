@@ -273,10 +273,12 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     ("text", "encoding", "message"),
     [
         # ASCII decodes as UTF-8 with a NUL byte between characters: refused, not trained on as half NULs
-        ("Spring sleep.\n\nBirds sing.", "utf-16-le", r"holds NUL characters \(byte 1 is .*iconv -f UTF-16LE -t"),
-        ("Spring sleep.\n\nBirds sing.", "utf-16-be", r"holds NUL characters \(byte 0 is .*iconv -f UTF-16BE -t"),
-        # Chinese does not decode; the NUL bytes of its newlines tell UTF-16 from GBK
-        ("春眠不觉晓\n\n处处闻啼鸟", "utf-16-le", r"is not UTF-8 text: .* `iconv -f UTF-16LE -t UTF-8"),
+        ("Spring sleep.\n\nBirds sing.", "utf-16-le", r"is 50% NUL bytes, which no text is: .*iconv -f UTF-16LE -t"),
+        ("Spring sleep.\n\nBirds sing.", "utf-16-be", r"is 50% NUL bytes, which no text is: .*iconv -f UTF-16BE -t"),
+        # Chinese does not decode; the NUL bytes of its newlines tell UTF-16 from GBK, and their side the order
+        # (一 is 00 4e in little-endian order: a NUL where big-endian ASCII has one)
+        ("一二三四五六七八九十\n春眠不觉晓\n\n处处闻啼鸟", "utf-16-le", r"is not UTF-8 text: .* `iconv -f UTF-16LE -t"),
+        ("一二三四五六七八九十\n春眠不觉晓\n\n处处闻啼鸟", "utf-16-be", r"is not UTF-8 text: .* `iconv -f UTF-16BE -t"),
     ],
 )
 def test_utf16_without_a_byte_order_mark_is_named(tmp_path, text, encoding, message):
@@ -291,7 +293,7 @@ def test_utf16_without_a_byte_order_mark_is_named(tmp_path, text, encoding, mess
     [
         (gzip.compress, r"poems.txt is a gzip-compressed file, not text: unpack it first \(`gunzip -k poems.txt`\)"),
         (bz2.compress, r"is a bzip2-compressed file, not text: unpack it first \(`bunzip2 -k"),
-        (lzma.compress, r"is a xz-compressed file, not text: unpack it first \(`unxz -k"),
+        (lzma.compress, r"is an xz-compressed file, not text: unpack it first \(`unxz -k"),
     ],
 )
 def test_a_compressed_file_is_told_to_be_unpacked(tmp_path, pack, message):
@@ -299,6 +301,15 @@ def test_a_compressed_file_is_told_to_be_unpacked(tmp_path, pack, message):
     path.write_bytes(pack("春眠不觉晓，处处闻啼鸟。".encode() * 20))
     with pytest.raises(ValueError, match=message):
         read_documents(path)
+
+
+def test_text_that_only_looks_compressed_or_holds_a_stray_nul_is_read_as_before(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("BZh91 春眠不觉晓".encode("gbk"))  # GBK that starts like bzip2's magic: a GBK hint
+    with pytest.raises(ValueError, match=r"is not UTF-8 text: .*-f GB18030"):
+        read_documents(path)
+    path.write_bytes("春眠不觉晓\n".encode() * 200 + b"\x00" + "处处闻啼鸟\n".encode() * 200)
+    assert "\x00" in "".join(read_documents(path, separator="\n"))
 
 
 def test_utf8_cut_in_the_middle_of_a_character_says_so(tmp_path):

@@ -269,3 +269,12 @@ def test_from_pretrained_explains_a_checkpoint_or_a_hub_id(tmp_path, monkeypatch
     (tmp_path / "runs").mkdir()  # a missing folder inside a local one is no hub id
     with pytest.raises(FileNotFoundError, match=r"runs/tiny does not exist; give a transformers model directory"):
         Qwen3Transformer.from_pretrained("runs/tiny")
+
+
+def test_from_pretrained_tells_a_zipped_export_from_a_checkpoint(tmp_path):
+    import shutil
+
+    out = export_pretrained(Qwen3Transformer(Qwen3Config.from_preset("tiny", vocab_size=40)), tmp_path / "exp")
+    archive = shutil.make_archive(str(tmp_path / "exp_zip"), "zip", out)
+    with pytest.raises(ValueError, match=r"exp_zip.zip is a zip archive: unzip it"):
+        Qwen3Transformer.from_pretrained(archive)

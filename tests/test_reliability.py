@@ -554,8 +554,12 @@ BAD_FIT_INPUT = {
     "unknown model field": (lambda d: ["--model.overrides", "{num_layers: 3}"], r"unknown Qwen3Config field\(s\)"),
     "bad learning rate": (lambda d: ["--model.learning_rate", "-1"], "learning_rate > 0"),
     "bad warmup": (lambda d: ["--model.warmup_steps", "1.5"], "warmup_steps=1.5 must be"),
-    "AdamW betas out of range": (lambda d: ["--model.betas", "[0.9, 1.5]"], r"two betas in \[0, 1\); .*1.5\]"),
-    "negative AdamW eps": (lambda d: ["--model.eps", "-1"], "eps > 0 .*eps=-1"),
+    "AdamW betas out of range": (
+        lambda d: ["--model.betas", "[0.9, 1.5]"],
+        r"model.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\) \(AdamW's\)",
+    ),
+    "negative AdamW eps": (lambda d: ["--model.eps", "-1"], r"model.eps=-1(\.0)? must be >= 0 \(AdamW's\)"),
+    "negative weight decay": (lambda d: ["--model.weight_decay", "-0.1"], "model.weight_decay=-0.1 must be >= 0"),
     "negative gradient clipping": (
         lambda d: ["--trainer.gradient_clip_val", "-1"],
         r"trainer.gradient_clip_val=-1(\.0)? must be >= 0",
@@ -820,8 +824,10 @@ def test_generate_on_a_device_that_is_not_there_is_refused(corpus, tmp_path, mon
         main([*generate, "cuda"])
     with pytest.raises(SystemExit, match=r"device='mps', but this PyTorch has no Apple GPU \(MPS\) here"):
         main([*generate, "mps"])
-    with pytest.raises(SystemExit, match=r"device='gpu' is not a device: use cpu, cuda, cuda:N \(the N-th GPU\)"):
+    with pytest.raises(SystemExit, match=r"device=.gpu. is not a device: use cpu, cuda, cuda:N \(the N-th GPU\), mps"):
         main([*generate, "gpu"])
+    with pytest.raises(SystemExit, match=r"device='meta' is not a device"):  # a torch device, but not for this
+        main([*generate, "meta"])
 
 
 def test_lightnings_learning_rate_finder_sweeps_from_its_own_minimum(tmp_path):
