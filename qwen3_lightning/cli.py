@@ -225,6 +225,7 @@ class Qwen3CLI(LightningCLI):
         # checked before anything is written (a log folder, its config.yaml and tokenizer.json); Lightning's FSDP
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
+        self.model.check_monitors(self.trainer.callbacks, warn=False)
         from qwen3_lightning.interop import read_initial_checkpoint, tokenizer_state
 
         resume = self.config.fit.ckpt_path
@@ -262,6 +263,7 @@ class Qwen3CLI(LightningCLI):
 
     def before_predict(self) -> None:
         _ = self.datamodule.prompts
+        self.model.check_prompts(self.datamodule)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # this CLI's own callbacks step aside for a run without checkpoints or without a logger, which Lightning

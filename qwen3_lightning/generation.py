@@ -124,18 +124,7 @@ def decode_loop(
             "(padding first, then the prompt), since each row continues from its last position. "
             "TextDataModule.collate_prompts pads them so."
         )
-    T = input_ids.shape[1]
-    limit = model.config.max_position_embeddings
-    if T + max_new_tokens > limit:
-        fix = (
-            f"ask for at most {limit - T} new tokens"
-            if T < limit
-            else f"the prompt alone is too long: shorten it to at most {limit - 2} characters (its <bos> is a token)"
-        )
-        raise ValueError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_position_embeddings={limit}; {fix}."
-        )
+    check_room(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
     if max_new_tokens == 0:
@@ -265,6 +254,22 @@ def unknown_characters(tokenizer: CharTokenizer, prompt: str) -> str | None:
     """What to warn of when ``prompt`` has characters the vocabulary lacks; None when it has none."""
     unknown = tokenizer.unknown_chars(prompt)
     return f"{UNKNOWN_CHARACTERS}: {''.join(sorted(unknown))!r}" if unknown else None
+
+
+def check_room(prompt_tokens: int, max_new_tokens: int, limit: int, prompt: str = "prompt") -> None:
+    """Refuses a prompt of ``prompt_tokens`` (its ``<bos>`` included) whose continuation by ``max_new_tokens``
+    would pass the model's ``max_position_embeddings`` (``limit``)."""
+    if prompt_tokens + max_new_tokens <= limit:
+        return
+    fix = (
+        f"ask for at most {limit - prompt_tokens} new tokens"
+        if prompt_tokens < limit
+        else f"the prompt alone is too long: shorten it to at most {limit - 2} characters (its <bos> is a token)"
+    )
+    raise ValueError(
+        f"{prompt} ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        f"max_position_embeddings={limit}; {fix}."
+    )
 
 
 def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:

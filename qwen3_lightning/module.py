@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import signal
@@ -17,7 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX, VOCABULARY_ADVICE
-from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs
+from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs, check_room
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -168,6 +169,9 @@ class Qwen3LightningModule(L.LightningModule):
             temperature: 0.8, top_k: 50}``, ``generation.GENERATE_DEFAULTS``).
     """
 
+    #: the metrics ``self.log`` records in fit, which a checkpoint or early stopping may monitor
+    LOGGED: tuple[str, ...] = ("train_loss", "tokens_seen", "val_loss", "val_ppl")
+
     def __init__(
         self,
         preset: str = "tiny",
@@ -307,6 +311,51 @@ class Qwen3LightningModule(L.LightningModule):
             # the model summary at the start of fit runs this through the model to count one sequence's FLOPs
             # (not under FSDP: a forward that bypasses the root wrapper would leave its inner units broken)
             self.example_input_array = torch.zeros(1, max_length, dtype=torch.long)
+        if stage == "fit":
+            self.check_monitors(self.trainer.callbacks)
+        if stage == "predict":
+            self.check_prompts(datamodule)
+
+    def check_monitors(self, callbacks: list[L.Callback], warn: bool = True) -> None:
+        """Refuses a checkpoint or early-stopping ``monitor`` that misspells a metric this module logs (Lightning
+        would stop at the first validation, with no checkpoint saved); warns of one that is not among them
+        (``warn``: the CLI checks before the log folder is made, and leaves the warning to ``setup``)."""
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        known = (*self.LOGGED, "epoch", "step")
+        for callback in callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if not isinstance(callback, (ModelCheckpoint, EarlyStopping)) or monitor is None or monitor in known:
+                continue
+            name = type(callback).__name__
+            close = difflib.get_close_matches(monitor, known, n=1)
+            if close:
+                raise ValueError(
+                    f"{name}(monitor={monitor!r}) names no metric of this module; did you mean {close[0]!r}? "
+                    f"It logs {', '.join(self.LOGGED)}."
+                )
+            if warn:
+                rank_zero_warn(
+                    f"{name}(monitor={monitor!r}) is not among the metrics this module logs "
+                    f"({', '.join(self.LOGGED)}); unless a callback or another hook logs it, Lightning stops at "
+                    "the first validation."
+                )
+
+    def check_prompts(self, datamodule: object) -> None:
+        """Refuses prompts (a ``TextDataModule``'s ``predict_path``) that ``generate_kwargs``' max_new_tokens
+        would carry past the model's positions: said before the weights load and the prediction file is opened,
+        not at the batch that holds the longest prompt."""
+        if getattr(datamodule, "predict_path", None) is None or getattr(datamodule, "tokenizer", None) is None:
+            return
+        prompts = datamodule.prompts
+        lengths = [len(datamodule.tokenizer.encode(p)) + 1 for p in prompts]  # (+1: each starts with <bos>)
+        longest = max(range(len(prompts)), key=lengths.__getitem__)
+        check_room(
+            lengths[longest],
+            self.generate_kwargs["max_new_tokens"],
+            self.config.max_position_embeddings,
+            prompt=f"prompt {longest + 1} of {datamodule.predict_path}",
+        )
 
     def configure_gradient_clipping(
         self,

@@ -410,11 +410,16 @@ def test_predict_refuses_to_write_over_the_prompts_a_folder_or_another_file(chec
     [("test", [], r"test needs data: pass test_path \(--data\.test_path"),
      ("test", ["--data.test_path", "gone.txt"], r"data path gone.txt does not exist"),
      ("predict", [], r"predict needs prompts: pass predict_path \(--data.predict_path"),
-     ("predict", ["--data.predict_path", "gone.txt"], r"gone.txt does not exist")],
+     ("predict", ["--data.predict_path", "gone.txt"], r"gone.txt does not exist"),
+     ("predict", ["--data.predict_path", "prompts.txt", "--model.generate_kwargs", "{max_new_tokens: 60}"],
+      r"prompt 2 of .*prompts.txt \(5 tokens\) \+ max_new_tokens \(60\) exceeds the model's "
+      r"max_position_embeddings=64; ask for at most 59 new tokens")],
 )  # fmt: skip
 def test_test_and_predict_without_their_data_write_nothing(checkpoint, tmp_path, command, data, message):
     # refused before the run's log folder (its config.yaml and tokenizer.json) is made
     corpus = checkpoint.parents[1] / "poems.txt"
+    (tmp_path / "prompts.txt").write_text("春\n床前明月\n", encoding="utf-8")
+    data = [str(tmp_path / d) if d == "prompts.txt" else d for d in data]
     with pytest.raises(SystemExit, match=message):
         main(cli_args(command, corpus, tmp_path / "run", "--ckpt_path", str(checkpoint), *data))
     assert not (tmp_path / "run").exists()

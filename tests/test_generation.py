@@ -330,13 +330,18 @@ def test_generation_under_bf16_autocast(pair):
     torch.manual_seed(5)
     prompts = torch.randint(4, 83, (2, 5))
     mask = torch.ones_like(prompts)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         out = ours.generate(prompts, 12, temperature=0, attention_mask=mask)
-        expected = hf.generate(
-            prompts, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
-        )
+        logits = hf(out).logits[:, 4:-1].float()  # transformers' logits for each new token, from its prefix
     assert len(set(out[:, 5:].flatten().tolist())) > 3
-    assert torch.equal(out, expected)
+    # each new token is transformers' greedy choice on the same prefix. bfloat16 logits tie now and then (two
+    # equal to all 8 bits), and a tie may go either way: within one bfloat16 step of the largest counts as its
+    # choice (on an AVX512-BF16 CPU, transformers' own generate, through its cache, took the other token of a tie)
+    best = logits.max(-1).values
+    chosen = logits.gather(-1, out[:, 5:, None]).squeeze(-1)
+    step = 2.0 ** (torch.floor(torch.log2(best.abs())) - 7)
+    assert bool((best - chosen <= step).all()), (best - chosen, step)
+    assert (best - chosen > 0).float().mean() < 0.2  # ties are rare: most tokens are the one largest logit
 
 
 def test_every_way_to_sample_text_starts_from_the_same_settings(tmp_path):

@@ -645,6 +645,38 @@ def test_gpu_settings_without_a_gpu_are_refused_clearly(corpus, tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint.monitor", "val_los"], r"Checkpoint\(monitor='val_los'\) names no metric of this module; did"),
+        (
+            ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val_ppx"],
+            r"EarlyStopping\(monitor='val_ppx'\) names no metric of this module; did you mean 'val_ppl'\? It logs "
+            "train_loss, tokens_seen, val_loss, val_ppl",
+        ),
+    ],
+)
+def test_a_misspelled_monitor_is_refused_before_the_run_starts(corpus, tmp_path, extra, message):
+    # Lightning itself finds it only at the end of the first validation, and stops without a checkpoint
+    with pytest.raises(SystemExit, match=message):
+        main(fit_args(corpus, tmp_path / "run", *extra, "--trainer.max_steps", "1"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_monitor_this_module_does_not_log_is_warned_of(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    module = Qwen3LightningModule(overrides={"num_decoder_layer": 1})
+    module.check_monitors(
+        [ModelCheckpoint(dirpath=tmp_path), EarlyStopping("val_loss"), ModelCheckpoint(monitor="step")]
+    )
+    with pytest.warns(UserWarning, match=r"ModelCheckpoint\(monitor='lr-AdamW/pg1'\) is not among the metrics"):
+        module.check_monitors([ModelCheckpoint(dirpath=tmp_path, monitor="lr-AdamW/pg1")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.check_monitors([ModelCheckpoint(dirpath=tmp_path, monitor="lr-AdamW/pg1")], warn=False)
+
+
 def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
