@@ -1,4 +1,5 @@
-"""Callbacks: text samples during training, and the throughput monitor wired for this module's batches."""
+"""Callbacks: the checkpoints (best, last, periodic), text samples during training, the throughput monitor wired
+for this module's batches, and the writer of ``predict``'s generations."""
 
 from __future__ import annotations
 
@@ -291,7 +292,7 @@ class TextSampler(_EveryNSteps):
         if tokenizer is None or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        from qwen3_lightning.generation import UNKNOWN_CHARACTERS, stream_text
+        from qwen3_lightning.generation import stream_text
 
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         records = []
@@ -299,8 +300,7 @@ class TextSampler(_EveryNSteps):
             room = pl_module.model.config.max_position_embeddings - len(prompt) - 1  # >= 1, checked in setup
             # eager even when training compiled the layers: decoding shapes would only make them recompile;
             # unknown characters in the prompts were warned about once, in setup
-            with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=UNKNOWN_CHARACTERS)
+            with torch.compiler.set_stance("force_eager"):
                 text = "".join(
                     stream_text(
                         pl_module.model,
@@ -310,6 +310,7 @@ class TextSampler(_EveryNSteps):
                         self.temperature,
                         self.top_k,
                         generator=generator,
+                        warn=False,
                     )
                 )
             records.append({"step": trainer.global_step, "prompt": prompt, "text": text})

@@ -275,7 +275,7 @@ class Qwen3CLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer
 
-    def instantiate_trainer(self, **kwargs: Any):
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or DEFAULT_ROOT)
@@ -423,7 +423,7 @@ def generate(
             max-autotune: weights frozen into the graph and GEMM kernels picked by timing, a first call of tens
             of seconds and, on a CPU, two to three times faster tokens again.
     """
-    from qwen3_lightning.generation import UNKNOWN_CHARACTERS, check_decoding_args, stream_text, unknown_characters
+    from qwen3_lightning.generation import check_decoding_args, stream_text, unknown_characters
     from qwen3_lightning.interop import load_checkpoint, read_checkpoint
 
     check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
@@ -460,11 +460,9 @@ def generate(
         )
     texts = []
     for i in range(num_samples):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=UNKNOWN_CHARACTERS)
-            pieces = stream_text(
-                model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator, compile
-            )
+        pieces = stream_text(
+            model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, generator, compile, warn=False
+        )
         if num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)

@@ -199,8 +199,9 @@ class Qwen3Config:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope_theta is None:
             rope_theta = rope.get("rope_theta", 10_000.0)
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_type={rope['rope_type']!r} is not supported; only the default rotary embedding.")
+        kind = rope.get("rope_type", rope.get("type", "default"))  # "type": the key of older config.json files
+        if kind != "default":
+            raise ValueError(f"rope_type={kind!r} is not supported; only the default rotary embedding.")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported; Qwen3's MLP uses silu.")
         sliding = d.get("use_sliding_window") and d.get("sliding_window", 4096) is not None

@@ -45,8 +45,9 @@ VOCABULARY_ADVICE = (
 
 
 def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The .txt and .jsonl files named by ``paths``; a directory is searched recursively, in sorted order,
-    past hidden files and folders (``.git``, ``.ipynb_checkpoints``: copies that would repeat the text)."""
+    """The files named by ``paths``, and the .txt and .jsonl files of the directories among them, searched
+    recursively, in sorted order, past hidden files and folders (``.git``, ``.ipynb_checkpoints``: copies that
+    would repeat the text). A file named itself is taken whatever its suffix (read as .txt unless .jsonl)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -108,8 +109,8 @@ def read_text(file: Path) -> str:
             codecs.BOM_UTF16_BE: "UTF-16",
         }
         source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), None)
-        if source is None and 0 in raw[:4096]:  # NUL bytes: UTF-16 without a mark (its newlines, at least)
-            source = f"UTF-16{utf16_order(raw)}"
+        if source is None and utf16_newline(raw):  # UTF-16 without a mark, told by its newlines
+            source = f"UTF-16{utf16_newline(raw)}"
         if source is None and start < 4 and 0x80 <= raw[start] < 0xC0:  # a UTF-8 continuation byte first
             rest = raw[start:].lstrip(bytes(range(0x80, 0xC0)))
             try:
@@ -163,6 +164,13 @@ def utf16_order(raw: bytes) -> str:
     bytes of ASCII characters (newlines at least), which come first (even offsets) in big-endian order."""
     head = raw[:4096]
     return "BE" if head[0::2].count(0) > head[1::2].count(0) else "LE"
+
+
+def utf16_newline(raw: bytes) -> str | None:
+    """ "LE" or "BE" where the first 4 KB hold a UTF-16 newline in that byte order (``0a 00`` or ``00 0a``, at an
+    even offset), else None. Chinese UTF-16 has few NUL bytes but these; a stray NUL in other text is no sign."""
+    pairs = {raw[i : i + 2] for i in range(0, min(len(raw), 4096) - 1, 2)}
+    return "LE" if b"\n\x00" in pairs else "BE" if b"\x00\n" in pairs else None
 
 
 def parse_separator(separator: str) -> str:
@@ -357,7 +365,7 @@ class LengthBuckets(Dataset):
     """Whole batches of examples of similar length (one item = one batch), to cut padding.
 
     Examples are shuffled with ``seed``, sorted by length within chunks of 64 batches, and cut into
-    batches; the DataLoader (or a distributed sampler) then shuffles the order of the batches.
+    batches; ``EpochSampler`` then shuffles the order of the batches (and deals them out to the processes).
     """
 
     def __init__(self, dataset: TextDataset, batch_size: int, seed: int, chunk: int = 64) -> None:
@@ -487,12 +495,11 @@ class TextDataModule(L.LightningDataModule):
         predict_path: prompts for the ``predict`` subcommand: a .txt file with one per line, a .jsonl file with
             one ``text`` field per line, a folder of them or a list.
         tokenizer_path: use this saved vocabulary (an earlier run's ``tokenizer.json``, a checkpoint, or a
-            directory written by ``export``) instead
-            of building one from the training split; characters it lacks become ``<unk>``. ``validate``, ``test``
-            and ``predict`` with a ``--ckpt_path`` file take the checkpoint's, as does a resumed run that was
-            started with one. With it, the
-            training text is read only when a stage needs it (fit, and validate for a ``val_split``), so
-            ``test`` and ``predict`` need no training data, nor ``validate`` with a ``val_path``.
+            directory written by ``export``) instead of building one from the training split; characters it
+            lacks become ``<unk>``. ``validate``, ``test`` and ``predict`` with a ``--ckpt_path`` file take the
+            checkpoint's, as does a resumed run that was started with one. With it, the training text is read
+            only when a stage needs it (fit, and validate for a ``val_split``), so ``test`` and ``predict`` need
+            no training data, nor ``validate`` with a ``val_path``.
     """
 
     def __init__(

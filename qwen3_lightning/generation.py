@@ -247,13 +247,16 @@ def _decode(
 
 UNKNOWN_TEXT = "\ufffd"
 """How generated text shows an ``<unk>`` token: Unicode's replacement character, not nothing."""
-UNKNOWN_CHARACTERS = "the prompt has characters outside the vocabulary, read as <unk>"
 
 
 def unknown_characters(tokenizer: CharTokenizer, prompt: str) -> str | None:
     """What to warn of when ``prompt`` has characters the vocabulary lacks; None when it has none."""
     unknown = tokenizer.unknown_chars(prompt)
-    return f"{UNKNOWN_CHARACTERS}: {''.join(sorted(unknown))!r}" if unknown else None
+    return (
+        f"the prompt has characters outside the vocabulary, read as <unk>: {''.join(sorted(unknown))!r}"
+        if unknown
+        else None
+    )
 
 
 def check_room(prompt_tokens: int, max_new_tokens: int, limit: int, prompt: str = "prompt") -> None:
@@ -272,9 +275,9 @@ def check_room(prompt_tokens: int, max_new_tokens: int, limit: int, prompt: str 
     )
 
 
-def encode_prompt(tokenizer: CharTokenizer, prompt: str) -> list[int]:
-    """``<bos>`` followed by the prompt's ids; unknown characters become ``<unk>`` with one warning."""
-    message = unknown_characters(tokenizer, prompt)
+def encode_prompt(tokenizer: CharTokenizer, prompt: str, warn: bool = True) -> list[int]:
+    """``<bos>`` followed by the prompt's ids; unknown characters become ``<unk>``, with one warning (``warn``)."""
+    message = unknown_characters(tokenizer, prompt) if warn else None
     if message:
         warnings.warn(message, stacklevel=3)
     return [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
@@ -290,11 +293,12 @@ def stream_text(
     top_p: float | None = GENERATE_DEFAULTS["top_p"],
     generator: torch.Generator | None = None,
     compile: bool | str = False,
+    warn: bool = True,
 ) -> Iterator[str]:
     """The continuation of ``prompt``, piece by piece as it is decoded. The arguments are checked (and unknown
-    characters warned about) at the call, before the first piece is asked for."""
+    characters warned about, with ``warn``) at the call, before the first piece is asked for."""
     device = model.model.embed_tokens.weight.device
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, warn)], device=device)
     tokens = model.generate(
         ids,
         max_new_tokens,

@@ -6,6 +6,7 @@ with ``load_state_dict`` and no mapping table. Nothing in this file imports Ligh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +320,7 @@ class Qwen3Transformer(nn.Module):
         generator: torch.Generator | None = None,
         stream: bool = False,
         compile: bool | str = False,
-    ):
+    ) -> torch.Tensor | Iterator[torch.Tensor]:
         """Continues each prompt by up to ``max_new_tokens`` tokens, with a key/value cache.
 
         ``temperature=0`` is greedy. Prompts of different lengths are left-padded with ``attention_mask``

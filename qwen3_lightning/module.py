@@ -120,7 +120,8 @@ def describe_criterion(criterion: nn.Module) -> str:
 
 
 def optimizer_settings(hparams: Any) -> dict[str, Any]:
-    """The optimizer's hyperparameters among ``hparams``, lists (betas, as a checkpoint stores them) as tuples."""
+    """The optimizer's and the schedule's hyperparameters among ``hparams``, lists (betas, as a checkpoint stores
+    them) as tuples."""
     names = ("learning_rate", "min_lr", "warmup_steps", "weight_decay", "betas", "eps")
     return {name: tuple(v) if isinstance(v := hparams[name], list) else v for name in names if name in hparams}
 
@@ -198,12 +199,12 @@ class Qwen3LightningModule(L.LightningModule):
             )
         # the config is checked here, at construction, so a bad value fails before any data or weights load
         self.config = Qwen3Config.for_vocabulary(preset, overrides, vocab_size)
-        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
+        if not (learning_rate > 0 and 0 <= min_lr <= learning_rate):  # (NaN fails every comparison)
             raise ValueError(
                 f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
                 f"{learning_rate}, min_lr={min_lr}."
             )
-        if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
+        if not warmup_steps >= 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
             raise ValueError(f"warmup_steps={warmup_steps} must be a step count (int >= 0) or a fraction in [0, 1).")
         for name, value in (("weight_decay", weight_decay), ("eps", eps)):
             if not value >= 0:  # NaN too

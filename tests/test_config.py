@@ -132,6 +132,16 @@ def test_hf_config_reads_rope_theta_from_either_place():
     assert Qwen3Config.from_hf_config(new).rope_theta == 777.0
 
 
+def test_hf_config_with_an_older_rope_scaling_is_refused():
+    # older config.json files name the rope kind "type"; transformers reads it as rope_type and scales positions
+    d = {k: v for k, v in Qwen3Config.from_preset("tiny").to_hf_config().items() if k != "rope_parameters"}
+    d["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_type='linear' is not supported; only the default rotary embedding"):
+        Qwen3Config.from_hf_config(d)
+    d["rope_scaling"] = {"type": "default"}
+    assert Qwen3Config.from_hf_config(d).rope_theta == Qwen3Config.from_preset("tiny").rope_theta
+
+
 def test_hf_config_is_accepted_by_transformers():
     import transformers
 

@@ -288,6 +288,13 @@ def test_utf16_without_a_byte_order_mark_is_named(tmp_path, text, encoding, mess
         read_documents(path)
 
 
+def test_a_stray_nul_in_other_text_is_no_sign_of_utf16(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Café\x00 au lait\net crème\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"byte 3 is b'\\xe9'. Convert it, e.g. `iconv -f GB18030 .* or -f CP1252"):
+        read_documents(path)
+
+
 @pytest.mark.parametrize(
     ("pack", "message"),
     [

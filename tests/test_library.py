@@ -116,6 +116,22 @@ def test_a_model_smaller_than_the_datas_vocabulary_is_refused_before_training():
 
 
 @pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"learning_rate": float("nan")}, r"learning_rate > 0; got learning_rate=nan"),
+        ({"min_lr": float("nan")}, r"need 0 <= min_lr <= learning_rate .* min_lr=nan"),
+        ({"min_lr": 1.0}, r"need 0 <= min_lr <= learning_rate .* min_lr=1.0"),
+        ({"warmup_steps": float("nan")}, r"warmup_steps=nan must be a step count"),
+        ({"warmup_steps": -1}, r"warmup_steps=-1 must be a step count"),
+    ],
+)
+def test_schedule_settings_that_no_run_could_follow_are_refused(setting, message):
+    # NaN fails every comparison: a NaN min_lr turned the rate NaN after warmup, and the run stopped on a NaN loss
+    with pytest.raises(ValueError, match=message):
+        Qwen3LightningModule(overrides=SHAPE, **setting)
+
+
+@pytest.mark.parametrize(
     ("batch", "message"),
     [
         ((torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)), "got a tuple as a batch"),
