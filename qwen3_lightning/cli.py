@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import signal
 import sys
 import traceback
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.config import Qwen3Config
-from qwen3_lightning.data import TextDataModule
+from qwen3_lightning.data import TEXT_SUFFIXES, TextDataModule
 from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.module import Qwen3LightningModule, check_trainer_settings
 
@@ -83,6 +84,11 @@ class Qwen3CLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # a misspelt flag is an error, not a silent abbreviation (--model.learning_rat would set learning_rate)
         return super().init_parser(allow_abbrev=False, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            check_config_files(sys.argv[1:] if args is None else list(args))
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -280,6 +286,37 @@ class Qwen3CLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or DEFAULT_ROOT)
         return super().instantiate_trainer(**kwargs)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Refuses a ``--config`` file that is no YAML mapping of settings, naming it (jsonargparse names neither the
+    file nor the fix, and prints a text file given by mistake whole)."""
+    import yaml
+
+    given = [v for flag, v in itertools.pairwise(args) if flag in ("-c", "--config")]
+    given += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in map(Path, given):
+        if not path.is_file():
+            continue  # a missing file: jsonargparse names it
+        # a text file given as the config: say where it goes
+        hint = f" To train on it, give it as --data.train_path {path}." if path.suffix.lower() in TEXT_SUFFIXES else ""
+        try:
+            settings = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            raise ValueError(f"--config {path} is not UTF-8 text, so no YAML config.{hint}") from None
+        except yaml.YAMLError as err:
+            parts = [
+                f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text
+                for text, mark in ((getattr(err, "context", None), getattr(err, "context_mark", None)),
+                                   (getattr(err, "problem", None), getattr(err, "problem_mark", None)))
+                if text
+            ]  # fmt: skip
+            raise ValueError(f"--config {path} is not valid YAML: {', '.join(parts) or err}.{hint}") from None
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(
+                f"--config {path} holds a YAML {type(settings).__name__}, not settings ('section: ...' lines, as "
+                f"in configs/tiny.yaml).{hint}"
+            )
 
 
 def model_shape(model: Any) -> Qwen3Config | None:

@@ -663,6 +663,31 @@ def test_a_misspelled_monitor_is_refused_before_the_run_starts(corpus, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "poems.txt",
+            "\n\n".join(POEMS),
+            r"--config .*poems.txt holds a YAML str, not settings .* give it as --data.train_path",
+        ),
+        (
+            "bad.yaml",
+            "model:\n  betas: [0.9\n",
+            r"bad.yaml is not valid YAML: while parsing a flow sequence \(line 2, ",
+        ),
+        ("list.yaml", "- fit\n- tiny\n", r"list.yaml holds a YAML list, not settings \('section: ...' lines"),
+        ("gbk.yaml", "model: 春".encode("gbk"), r"gbk.yaml is not UTF-8 text, so no YAML config.$"),
+    ],
+)
+def test_a_config_that_is_no_yaml_settings_is_named(tmp_path, capsys, name, content, message):
+    path = Path(write(tmp_path / name, content))
+    for args in (["fit", "--config", str(path)], ["fit", f"--config={path}"], ["--config", str(path), "fit"]):
+        with pytest.raises(SystemExit, match=message):
+            main(args)
+    assert "处处闻啼鸟" not in capsys.readouterr().err  # a text given by mistake is not printed back
+
+
 def test_a_monitor_this_module_does_not_log_is_warned_of(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
