@@ -247,7 +247,7 @@ class Qwen3CLI(LightningCLI):
             checkpoint = torch.load(resume, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint this can read: Lightning's own loading says what is wrong
             return
-        self.model.check_resumable(checkpoint)
+        self.model.check_resumable(checkpoint, self.datamodule)
         epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
         max_epochs = self.trainer.max_epochs
         if max_epochs not in (None, -1) and epochs.get("completed", 0) > max_epochs:

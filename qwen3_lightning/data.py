@@ -44,6 +44,19 @@ VOCABULARY_ADVICE = (
 """The end of every refusal of a checkpoint whose vocabulary is not the one this run's data gives."""
 
 
+def vocabulary_mismatch(saved: str, tokenizer_path: str | None, ours: str) -> str:
+    """The refusal of a checkpoint whose vocabulary (``saved``, described) is not this run's (``ours``), which
+    is built from the training split or, with ``tokenizer_path``, read from that file."""
+    if tokenizer_path is None:
+        return f"{saved}, but this run's data gives {ours}: resuming would renumber characters. {VOCABULARY_ADVICE}"
+    return (
+        f"{saved}, but data.tokenizer_path={tokenizer_path} has {ours}: resuming would renumber characters. Resume "
+        "with the vocabulary the run started with: pass the checkpoint itself as --data.tokenizer_path (or its "
+        "run's tokenizer.json, next to metrics.csv), or leave data.tokenizer_path out to build it again from the "
+        "run's own data."
+    )
+
+
 def find_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     """The files named by ``paths``, and the .txt and .jsonl files of the directories among them, searched
     recursively, in sorted order, past hidden files and folders (``.git``, ``.ipynb_checkpoints``: copies that
@@ -950,7 +963,9 @@ class TextDataModule(L.LightningDataModule):
         if saved != self.tokenizer:
             how = "the same size, in another order" if saved.vocab_size == self.vocab_size else "another size"
             raise ValueError(
-                f"the checkpoint's vocabulary ({saved.vocab_size} tokens) differs from the one built from this "
-                f"run's training split ({self.vocab_size} tokens, {how}): loading it would renumber characters. "
-                + VOCABULARY_ADVICE
+                vocabulary_mismatch(
+                    f"the checkpoint's vocabulary has {saved.vocab_size} tokens",
+                    self.hparams.tokenizer_path,
+                    f"{self.vocab_size} ({how})",
+                )
             )

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
-from qwen3_lightning.data import IGNORE_INDEX, VOCABULARY_ADVICE
+from qwen3_lightning.data import IGNORE_INDEX, vocabulary_mismatch
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs, check_room
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 from qwen3_lightning.tokenizer import CharTokenizer
@@ -681,17 +681,21 @@ class Qwen3LightningModule(L.LightningModule):
             )
         self._initialized_from = checkpoint.get("initialized_from")
         self._resumed_from = checkpoint.get("hyper_parameters") or {}
-        self.check_resumable(checkpoint)
+        self.check_resumable(checkpoint, self.trainer.datamodule if self._trainer else None)
 
-    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a checkpoint whose weights do not fit this model, naming what differs. Lightning calls
-        ``on_load_checkpoint`` before it loads the weights, except under FSDP (after): the CLI then calls this
-        itself, before ``fit``."""
+    def check_resumable(self, checkpoint: dict[str, Any], datamodule: object = None) -> None:
+        """Refuses a checkpoint whose weights do not fit this model, naming what differs (and the vocabulary's
+        source, a ``TextDataModule``'s). Lightning calls ``on_load_checkpoint`` before it loads the weights,
+        except under FSDP (after): the CLI then calls this itself, before ``fit``."""
         saved = checkpoint.get("state_dict", {}).get("model.model.embed_tokens.weight")
         if saved is not None and saved.shape[0] != self.config.vocab_size:
+            tokenizer_path = getattr(getattr(datamodule, "hparams", None), "tokenizer_path", None)
             raise ValueError(
-                f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, but this run's data gives "
-                f"{self.config.vocab_size}: resuming would renumber characters. " + VOCABULARY_ADVICE
+                vocabulary_mismatch(
+                    f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens",
+                    tokenizer_path,
+                    str(self.config.vocab_size),
+                )
             )
         differ = self._shape_differences(checkpoint)
         if differ:

@@ -25,6 +25,7 @@ from qwen3_lightning.cli import main, refuse_to_overwrite, resolve_ckpt_path
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
 from qwen3_lightning.module import Qwen3LightningModule
+from qwen3_lightning.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "{num_decoder_layer: 1, hidden_size: 32, intermediate_size: 64, max_position_embeddings: 64}"
@@ -707,8 +708,13 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))
     before = (run / "checkpoints/last.ckpt").read_bytes()
     other = write(tmp_path / "other.txt", "\n\n".join(["天地玄黄，宇宙洪荒。", "日月盈昃，辰宿列张。"] * 8))
-    with pytest.raises(SystemExit, match=r"vocabulary .* differs|vocabulary of .* tokens"):
+    with pytest.raises(SystemExit, match=r"vocabulary of \d+ tokens, but this run's data gives \d+: resuming"):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", other, "--ckpt_path", "last"))
+    # another run's vocabulary, named: the message is about that file, not about the data
+    CharTokenizer().build_vocab(["天地玄黄"]).save(tmp_path / "other.json")
+    with pytest.raises(SystemExit, match=r"but data.tokenizer_path=.*other.json has 8: .* pass the checkpoint itself"):
+        main(fit_args(corpus, run, "--trainer.max_steps", "4", "--ckpt_path", "last",
+                      "--data.tokenizer_path", str(tmp_path / "other.json")))  # fmt: skip
     assert (run / "checkpoints/last.ckpt").read_bytes() == before  # nothing lost
     assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # refused before a log folder is made
     # with the run's own vocabulary, the new text is accepted (its unknown characters become <unk>)
@@ -795,8 +801,8 @@ def test_same_size_but_renumbered_vocabulary_is_refused(corpus, tmp_path):
     shuffled = write(tmp_path / "shuffled.txt", "\n\n".join(p[::-1] + p[0] * 5 for p in POEMS * 2))
     with pytest.raises(
         SystemExit,
-        match=r"the checkpoint's vocabulary .* differs from the one built from this run's training split "
-        r"\(77 tokens, the same size, in another order\)",
+        match=r"the checkpoint's vocabulary has 77 tokens, but this run's data gives 77 \(the same size, in another "
+        r"order\): resuming would renumber characters",
     ):
         main(fit_args(corpus, run, "--trainer.max_steps", "4", "--data.train_path", shuffled, "--ckpt_path", "last"))
 
