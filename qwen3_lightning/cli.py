@@ -522,7 +522,7 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bo
     Args:
         ckpt_path: a .ckpt file of a training run.
         out_dir: the directory to write.
-        dtype: float32, bfloat16 or float16; default: the checkpoint's.
+        dtype: float32, bfloat16 or float16; default (or auto): the checkpoint's.
         overwrite: write into a directory that already holds files, replacing an earlier export there.
     """
     from qwen3_lightning.interop import as_dtype, export_pretrained, load_checkpoint

@@ -26,12 +26,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a floating-point ``torch.dtype``: one already, or its name in ``DTYPES`` (transformers takes
-    names too)."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        return dtype
+    names too). None, or ``"auto"`` as in transformers, leaves the weights in the dtype they are in."""
+    if dtype is None or dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return None if dtype == "auto" else dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or a floating-point torch.dtype).")
+    raise ValueError(
+        f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or a floating-point torch.dtype), or auto (the "
+        "dtype the weights are in)."
+    )
 
 
 def read_json_object(file: Path) -> dict:
@@ -61,9 +64,9 @@ def check_model_path(path: Path) -> None:
         raise FileNotFoundError(
             f"{path} does not exist"
             + (
-                ": it looks like a Hugging Face hub id, but nothing is downloaded here. Give a local directory, "
-                f"e.g. one made by `huggingface-cli download {path} --local-dir DIR` or by "
-                "`python -m qwen3_lightning export`."
+                f": there is no such folder in {Path.cwd()}, and if it is a Hugging Face hub id, nothing is "
+                f"downloaded here. Give a local directory, e.g. one made by `huggingface-cli download {path} "
+                "--local-dir DIR` or by `python -m qwen3_lightning export`."
                 if hub
                 else "; give a transformers model directory (config.json and *.safetensors)."
             )

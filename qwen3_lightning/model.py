@@ -345,7 +345,8 @@ class Qwen3Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None) -> Qwen3Transformer:
         """Loads a transformers Qwen3 directory (config.json + safetensors), such as one written by ``export``;
-        ``dtype`` is a ``torch.dtype`` or its name (float32, bfloat16, float16)."""
+        ``dtype`` is a ``torch.dtype`` or its name (float32, bfloat16, float16); None or ``"auto"`` keeps the
+        dtype the weights are stored in."""
         from qwen3_lightning.interop import load_pretrained
 
         return load_pretrained(cls, Path(path), dtype)

@@ -247,6 +247,10 @@ def test_from_pretrained_takes_dtype_names(tmp_path):
     for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
         assert Qwen3Transformer.from_pretrained(tmp_path, dtype=name).lm_head.weight.dtype == dtype
     assert Qwen3Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    # "auto", as in transformers: the dtype the weights are stored in
+    export_pretrained(Qwen3Transformer(small_config()), tmp_path / "bf16", dtype="bfloat16")
+    assert Qwen3Transformer.from_pretrained(tmp_path / "bf16", dtype="auto").lm_head.weight.dtype == torch.bfloat16
+    assert Qwen3Transformer.from_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
     for bad in ("fp16", "int8", torch.int64):
         with pytest.raises(ValueError, match=r"dtype=.* is not one of float32, bfloat16, float16"):
             Qwen3Transformer.from_pretrained(tmp_path, dtype=bad)
@@ -261,7 +265,9 @@ def test_from_pretrained_explains_a_checkpoint_or_a_hub_id(tmp_path, monkeypatch
         Qwen3Transformer.from_pretrained(ckpt)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
-        FileNotFoundError, match=r"Qwen/Qwen3-0\.6B does not exist.*nothing is downloaded.*huggingface-cli download"
+        FileNotFoundError,
+        match=r"Qwen/Qwen3-0\.6B does not exist: there is no such folder in .*, and if it is a Hugging Face hub id, "
+        r"nothing is downloaded here.*huggingface-cli download",
     ):
         Qwen3Transformer.from_pretrained("Qwen/Qwen3-0.6B")
     with pytest.raises(FileNotFoundError, match=r"missing_dir does not exist"):
