@@ -525,11 +525,10 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bo
         dtype: float32, bfloat16 or float16; default (or auto): the checkpoint's.
         overwrite: write into a directory that already holds files, replacing an earlier export there.
     """
-    from qwen3_lightning.interop import as_dtype, export_pretrained, load_checkpoint
+    from qwen3_lightning.interop import as_dtype, check_out_dir, export_pretrained, load_checkpoint
 
     dtype = as_dtype(dtype)  # before the checkpoint is read
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"out_dir {out_dir} is a file; give the path of a directory to write.")
+    check_out_dir(Path(out_dir))
     held = sorted(p.name for p in Path(out_dir).glob("*")) if Path(out_dir).is_dir() else []
     if held and not overwrite:
         raise ValueError(

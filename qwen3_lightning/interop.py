@@ -162,6 +162,22 @@ def load_pretrained(
     return model.to(dtype) if dtype is not None else model
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuses an export folder that is a file, lies under one, or holds training checkpoints (a run's
+    checkpoints folder: the export's files would mix with them)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; give the path of a directory to write.")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"out_dir {out} is under {parent}, which is a file; give the path of a directory to write.")
+    checkpoints = sorted(p.name for p in out.glob("*.ckpt")) if out.is_dir() else []
+    if checkpoints:
+        raise ValueError(
+            f"out_dir {out} holds training checkpoints ({', '.join(checkpoints[:3])}): the export's files would mix "
+            f"with them. Give it a folder of its own, e.g. {out.parent / 'export'}."
+        )
+
+
 def export_pretrained(
     model: Qwen3Transformer,
     out_dir: str | Path,
@@ -192,11 +208,7 @@ def export_pretrained(
             "tokenizer the model was trained with."
         )
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} is a file; give the path of a directory to write.")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"out_dir {out} is under {parent}, which is a file; give the path of a directory to write.")
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_config()
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}

@@ -873,6 +873,16 @@ def test_export_over_an_earlier_export_needs_overwrite(corpus, tmp_path):
     assert (out / "config.json").read_text() == "{}"
     main([*export, "--overwrite", "true"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+    into_checkpoints = [
+        "export",
+        "--ckpt_path",
+        str(run / "checkpoints/last.ckpt"),
+        "--out_dir",
+        str(run / "checkpoints"),
+    ]
+    with pytest.raises(SystemExit, match=r"checkpoints holds training checkpoints \(.*last.ckpt\): the export's files"):
+        main([*into_checkpoints, "--overwrite", "true"])
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     # readable by whoever can read the other files (safetensors itself writes 0600)
     assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
 
