@@ -710,7 +710,7 @@ class TextDataModule(L.LightningDataModule):
         # predict_path, the run may bring its own data loaders: only this module's say that one is missing.)
         if stage == TrainerFn.FITTING:
             self.datasets()
-            self._warn_of_unknown_characters(self.train_dataset, "training")
+            self._warn_of_unknown_characters(self.train_dataset, "training", refuse_above=0.5)
             # a few rare characters of the validation text always miss from the training text (3% of the sample
             # corpus's): only a share that leaves val_loss, and so best.ckpt, saying little of the model
             self._warn_of_unknown_characters(self.val_dataset, "validation", above=0.2)
@@ -743,10 +743,12 @@ class TextDataModule(L.LightningDataModule):
                     "drop the EarlyStopping callback."
                 )
 
-    def _warn_of_unknown_characters(self, dataset: TextDataset | None, split: str, above: float = 0.01) -> None:
+    def _warn_of_unknown_characters(
+        self, dataset: TextDataset | None, split: str, above: float = 0.01, refuse_above: float = 1.0
+    ) -> None:
         """Warns when over ``above`` (1%) of a split's text becomes ``<unk>``: a vocabulary from another corpus
         (``tokenizer_path``: fine-tuning, or a checkpoint's for validate and test), or a ``min_freq`` or
-        ``vocab_size`` that drops many characters."""
+        ``vocab_size`` that drops many characters. Over ``refuse_above``, refuses."""
         if dataset is None:
             return
         corpus = dataset.corpus
@@ -772,10 +774,13 @@ class TextDataModule(L.LightningDataModule):
             if split == "training"
             else "The loss counts each as the one token <unk>, so it says little of this text."
         )
-        rank_zero_warn(
+        message = (
             f"{unknown / characters:.1%} of the {split} characters ({unknown:,} of {characters:,}) are read as "
             f"<unk>: {cause}. {effect} {fix}"
         )
+        if unknown / characters > refuse_above:
+            raise ValueError(f"{message} (Refused: over {refuse_above:.0%} is a run that would learn mostly <unk>.)")
+        rank_zero_warn(message)
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
         items: Dataset = LengthBuckets(dataset, self.batch_size, self.seed) if self.bucket_by_length else dataset

@@ -700,13 +700,13 @@ def test_a_file_of_one_paragraph_is_told_about_the_separator(tmp_path):
 
 def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_path):
     path = tmp_path / "tokenizer.json"
-    TextDataModule(texts=zh_docs[:1], val_split=0).tokenizer.save(path)
+    TextDataModule(texts=zh_docs[:3], val_split=0).tokenizer.save(path)  # 34% of zh_docs' characters lack
     other = tmp_path / "other.txt"
     other.write_text("\n\n".join(zh_docs[1:]), encoding="utf-8")
     with pytest.warns(UserWarning, match=r"\d+\.\d% of the training characters .* are read as <unk>: .*tokenizer_path"):
         TextDataModule(texts=zh_docs, val_split=0, tokenizer_path=str(path)).setup("fit")
     with pytest.warns(UserWarning, match=r"are read as <unk>: data.min_freq=2 .* Lower data.min_freq"):
-        TextDataModule(texts=zh_docs, val_split=0, min_freq=2).setup("fit")
+        TextDataModule(texts=zh_docs + zh_docs[:3], val_split=0, min_freq=2).setup("fit")  # 19.5%
     # a checkpoint's vocabulary on other text: its loss says little of that text
     with pytest.warns(UserWarning, match=r"of the validation characters .* a new run, without data.tokenizer_path"):
         TextDataModule(val_path=str(other), tokenizer_path=str(path)).setup("validate")
@@ -715,9 +715,12 @@ def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_pa
     # no setting dropped them: they only occur in the validation text
     with pytest.warns(UserWarning, match=r"validation characters .* <unk>: they do not occur in the training text"):
         TextDataModule(texts=zh_docs[:1], val_path=str(other)).setup("validate")
-    # and fit, before it picks best.ckpt by that loss (English validation text for a Chinese vocabulary, say)
     english = tmp_path / "english.txt"
     english.write_text("Spring sleep, unaware of dawn.\n\nBirds sing everywhere.", encoding="utf-8")
+    # training text that would be mostly <unk> (English with a Chinese vocabulary) is refused
+    with pytest.raises(ValueError, match=r"100.0% of the training characters .* \(Refused: over 50% is a run that"):
+        TextDataModule(train_path=str(english), val_split=0, tokenizer_path=str(path)).setup("fit")
+    # and fit, before it picks best.ckpt by that loss (English validation text for a Chinese vocabulary, say)
     with pytest.warns(UserWarning, match=r"100.0% of the validation characters .* do not occur in the training text"):
         TextDataModule(texts=zh_docs, val_path=str(english)).setup("fit")
     with warnings.catch_warnings():
