@@ -311,7 +311,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         found = ", ".join(sorted(p.name for p in path.glob("*.ckpt"))[:5])
         raise ValueError(f"{path} is a folder; pass one checkpoint file in it{f' ({found})' if found else ''}.")
     if not path.is_file():
-        hint = f" Checkpoints of a run are in <default_root_dir>/checkpoints, {example}."
+        others = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        if others:  # best.ckpt, most often, of a run that has not yet validated
+            when = " (best.ckpt is written at the first validation)" if path.name == "best.ckpt" else ""
+            hint = f" Its folder holds {', '.join(others[:5])}{when}."
+        else:
+            hint = f" Checkpoints of a run are in <default_root_dir>/checkpoints, {example}."
         raise FileNotFoundError(f"checkpoint {path} does not exist.{hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

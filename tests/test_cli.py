@@ -113,6 +113,17 @@ def test_generate_refuses_bad_input_clearly(checkpoint, args, message, capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_a_missing_checkpoint_names_those_beside_it(checkpoint, tmp_path):
+    # a run too short to validate has no best.ckpt: the message names last.ckpt, which is there
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(checkpoint.read_bytes())
+    with pytest.raises(
+        SystemExit, match=r"best.ckpt does not exist. Its folder holds last.ckpt \(best.ckpt is written"
+    ):
+        main(["generate", "--ckpt_path", str(folder / "best.ckpt"), "--prompt", "春眠"])
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -214,6 +225,10 @@ def test_predict_validate_and_test_take_the_checkpoints_vocabulary(checkpoint, t
     main(cli_args("validate", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.val_path", str(held_out),
                   "--trainer.logger", "false"))  # fmt: skip
     assert "val_loss" in capsys.readouterr().out
+    # text the checkpoint's vocabulary mostly lacks: the warning names the checkpoint, not a data.tokenizer_path
+    with pytest.warns(UserWarning, match=r"100.0% of the validation characters .* the vocabulary of the checkpoint "):
+        main(cli_args("validate", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--data.val_path", str(other),
+                      "--trainer.logger", "false"))  # fmt: skip
 
 
 def test_test_and_predict_need_no_training_data(checkpoint, tmp_path, capsys):

@@ -708,7 +708,7 @@ def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_pa
     with pytest.warns(UserWarning, match=r"are read as <unk>: data.min_freq=2 .* Lower data.min_freq"):
         TextDataModule(texts=zh_docs + zh_docs[:3], val_split=0, min_freq=2).setup("fit")  # 19.5%
     # a checkpoint's vocabulary on other text: its loss says little of that text
-    with pytest.warns(UserWarning, match=r"of the validation characters .* a new run, without data.tokenizer_path"):
+    with pytest.warns(UserWarning, match=r"of the validation characters .* says little of this text. The model never"):
         TextDataModule(val_path=str(other), tokenizer_path=str(path)).setup("validate")
     with pytest.warns(UserWarning, match=r"of the test characters .* The loss counts each as the one token <unk>"):
         TextDataModule(test_path=str(other), tokenizer_path=str(path)).setup("test")
@@ -729,6 +729,8 @@ def test_fit_validate_and_test_warn_when_much_of_the_text_is_unk(zh_docs, tmp_pa
         mostly_known = tmp_path / "mostly_known.txt"  # a few rare characters (under 20%): the usual, no warning
         mostly_known.write_text(zh_docs[0] + "鑫", encoding="utf-8")
         TextDataModule(texts=zh_docs, val_path=str(mostly_known)).setup("fit")
+        TextDataModule(texts=zh_docs, val_path=str(mostly_known)).setup("validate")  # (validate --ckpt_path best)
+        TextDataModule(texts=zh_docs, val_split=0, test_path=str(mostly_known)).setup("test")
         TextDataModule(test_path=str(other), texts=zh_docs, val_split=0).setup("test")
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("春眠\nX", encoding="utf-8")
