@@ -126,17 +126,7 @@ class Qwen3CLI(LightningCLI):
         for key in CHECKPOINT_KEYS:
             if config[key].dirpath is None:
                 config[key].dirpath = str(Path(root) / "checkpoints")
-        strategy = config.trainer.strategy
-        if "fsdp" in str(getattr(strategy, "class_path", strategy)).lower() and not torch.cuda.is_available():
-            raise ValueError(
-                "trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only, and this PyTorch sees none. On a "
-                "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
-            )
-        if str(config.trainer.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"trainer.accelerator={config.trainer.accelerator}, but this PyTorch sees no CUDA GPU; use "
-                "--trainer.accelerator cpu (or auto)."
-            )
+        check_devices(config.trainer)
         check_trainer_settings(config.trainer.gradient_clip_val, config.trainer.accumulate_grad_batches)
         initial = config.model.initial_checkpoint
         config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial, root)
@@ -152,12 +142,15 @@ class Qwen3CLI(LightningCLI):
                 raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
             refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
-        # the vocabulary of the checkpoint whose weights the model takes. With a --ckpt_path file: validate,
-        # test and predict take its own, whatever training data the config names; so does a resumed fit whose
-        # run started from a saved vocabulary (a fine-tuning run, say: its config.yaml names a file that may be
-        # gone). Its weights need that vocabulary; with another, Lightning's loading would be refused. A plain
-        # fit builds its own, and a resume checks it against the checkpoint's. Without a --ckpt_path file: the
-        # vocabulary of model.initial_checkpoint. A file that is no checkpoint is left to Lightning to report.
+        self._choose_vocabulary(config)
+
+    def _choose_vocabulary(self, config: Any) -> None:
+        """Sets ``data.tokenizer_path`` to the vocabulary of the checkpoint whose weights the model takes. With a
+        ``--ckpt_path`` file: validate, test and predict take its own, whatever training data the config names;
+        so does a resumed fit whose run started from a saved vocabulary (a fine-tuning run, say: its config.yaml
+        names a file that may be gone). Its weights need that vocabulary; with another, Lightning's loading
+        would be refused. A plain fit builds its own, and a resume checks it against the checkpoint's. Without a
+        ``--ckpt_path`` file: the vocabulary of ``model.initial_checkpoint``."""
         given = config.data.tokenizer_path
         ckpt = config.ckpt_path if config.ckpt_path and Path(config.ckpt_path).is_file() else None
         vocabulary, recorded = saved_vocabulary(ckpt) if ckpt else (False, None)
@@ -286,6 +279,23 @@ class Qwen3CLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or DEFAULT_ROOT)
         return super().instantiate_trainer(**kwargs)
+
+
+def check_devices(trainer: Any) -> None:
+    """Refuses settings that need a CUDA GPU where this PyTorch sees none, before any work."""
+    if torch.cuda.is_available():
+        return
+    strategy = trainer.strategy
+    if "fsdp" in str(getattr(strategy, "class_path", strategy)).lower():
+        raise ValueError(
+            "trainer.strategy is FSDP, which Lightning runs on CUDA GPUs only, and this PyTorch sees none. On a "
+            "CPU, leave out configs/fsdp.yaml (several processes: --trainer.strategy ddp --trainer.devices 2)."
+        )
+    if str(trainer.accelerator).lower() in ("gpu", "cuda"):
+        raise ValueError(
+            f"trainer.accelerator={trainer.accelerator}, but this PyTorch sees no CUDA GPU; use "
+            "--trainer.accelerator cpu (or auto)."
+        )
 
 
 def check_config_files(args: list[str]) -> None:
@@ -466,15 +476,7 @@ def generate(
     check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N (the N-th GPU), mps or auto.")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r}, but this PyTorch has no Apple GPU (MPS) here; use --device cpu.")
+    device = resolve_device(device)
     model, tokenizer = load_checkpoint(ckpt_path)
     model.to(device).eval()
     generator = torch.Generator(device=device)
@@ -511,6 +513,20 @@ def generate(
         texts.append("".join(text))
         sys.stdout.write("\n")
     return texts
+
+
+def resolve_device(device: str) -> str:
+    """``generate --device``: cpu, cuda, cuda:N or mps where this PyTorch has it; auto is cuda when there is one."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N (the N-th GPU), mps or auto.")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU; use --device cpu (or auto).")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch has no Apple GPU (MPS) here; use --device cpu.")
+    return device
 
 
 def export(ckpt_path: str, out_dir: str, dtype: str | None = None, overwrite: bool = False) -> None:

@@ -717,7 +717,8 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
                       "--data.tokenizer_path", str(tmp_path / "other.json")))  # fmt: skip
     assert (run / "checkpoints/last.ckpt").read_bytes() == before  # nothing lost
     assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]  # refused before a log folder is made
-    # with the run's own vocabulary, the new text is accepted (its unknown characters become <unk>)
+    # with the run's own vocabulary, new text is accepted (its unknown characters, a third here, become <unk>)
+    other = write(tmp_path / "other.txt", "\n\n".join(["春眠不觉晓，宇宙洪荒。", "床前明月光，辰宿列张。"] * 8))
     tokenizer = next((run / "logs").glob("version_0/tokenizer.json"))
     main(
         fit_args(
