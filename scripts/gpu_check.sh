@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks in one short run, for a machine with one CUDA GPU and no internet: the default GPU training path
-# (bf16-mixed, fused AdamW, clipping), the GPU rows of the benchmark, and FSDP with a resume, a generate and a
-# fine-tuning run.
+# The GPU checks, for a machine with one CUDA GPU and no internet, in two parts that each fit in one call of
+# under 10 minutes: PART=bench, the benchmark's training rows (ours eager and compiled against transformers, MFU
+# over the bf16 peak) for medium, qwen3-0.6b and large; PART=train, the default GPU training path (bf16-mixed,
+# fused AdamW, clipping) and FSDP with a resume, a generate and a fine-tuning run. PART=all (the default) runs
+# both, the benchmark first.
 # Each step has a time limit and the whole run a deadline, so a hang costs one step, not the run; the most
 # important steps come first. Logs and results go to $OUT (default: gpu_check_out/), at most 8 files.
 #
-#   OUT=/tmp/gpu bash scripts/gpu_check.sh           # within DEADLINE (9 minutes); not yet run on a GPU
-#   QUICK=1 OUT=/tmp/gpu bash scripts/gpu_check.sh   # a smoke run of the script itself (also on a CPU)
+#   PART=bench OUT=/tmp/gpu bash scripts/gpu_check.sh   # within DEADLINE (9 minutes); not yet run on a GPU
+#   PART=train OUT=/tmp/gpu bash scripts/gpu_check.sh
+#   QUICK=1 OUT=/tmp/gpu bash scripts/gpu_check.sh      # a smoke run of the script itself (also on a CPU)
 #
 # Missing pure-Python dependencies (jsonargparse and the two packages of its `signatures` extra) can travel as
 # wheels in .whl/, which this script installs first. Prepare them where pip reaches PyPI:
@@ -17,6 +20,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 DEADLINE=${DEADLINE:-540}  # seconds for the whole script; a step gets what is left, at most its own limit
 QUICK=${QUICK:-}
+PART=${PART:-all}
+[[ $PART =~ ^(all|bench|train)$ ]] || { echo "PART=$PART: choose bench, train or all" >&2; exit 2; }
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -58,17 +63,26 @@ else
     fsdp_preset=configs/large.yaml fsdp_steps=(30 40)
 fi
 
-# 1. what every GPU user runs first: the CLI's GPU defaults (bf16-mixed, fused AdamW, clipping at 1.0)
+# 1. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
+if [[ $PART != train ]]; then
+    for preset in "${presets[@]}"; do
+        step "bench_$preset" 180 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
+            --case-timeout 60 --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$preset.json"
+    done
+fi
+finish() {
+    echo "--- summary ($SECONDS s) ---"
+    cat "$SUMMARY"
+    grep -h -A12 '^| case' "$LOG" | head -60
+    rm -rf "$WORK"
+    exit
+}
+[[ $PART == bench ]] && finish
+
+# 2. what every GPU user runs first: the CLI's GPU defaults (bf16-mixed, fused AdamW, clipping at 1.0)
 step fit_tiny 120 python3 -m qwen3_lightning fit --config configs/tiny.yaml --trainer.max_steps 30 \
     --trainer.default_root_dir "$WORK/tiny"
 cp "$WORK/tiny/logs/version_0/metrics.csv" "$OUT/tiny_metrics.csv" 2>/dev/null
-
-# 2. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
-bench() {
-    step "bench_$1" 240 python3 scripts/benchmark.py --sections train --preset "$1" "${bench_args[@]}" --case-timeout 75 \
-        --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$1.json"
-}
-bench "${presets[0]}"
 
 # 3. FSDP (one GPU: the wrapping, sharded clipping and full-state checkpoints), resumed, then sampled;
 #    Lightning's FSDP needs CUDA
@@ -87,12 +101,4 @@ else
     echo "fsdp: skipped, no CUDA device" | tee -a "$SUMMARY"
 fi
 
-# 4. the other presets, as time allows
-for preset in "${presets[@]:1}"; do
-    bench "$preset"
-done
-
-echo "--- summary ($SECONDS s) ---"
-cat "$SUMMARY"
-grep -h -A12 '^| case' "$LOG" | head -60
-rm -rf "$WORK"
+finish
