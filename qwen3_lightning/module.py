@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -665,6 +666,17 @@ class Qwen3LightningModule(L.LightningModule):
         state["state"] = {renumber[i]: value for i, value in state["state"].items()}
         for group in state["param_groups"]:
             group["params"] = [renumber[i] for i in group["params"]]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Qwen3LightningModule:
+        """Lightning's ``load_from_checkpoint``; a local path is checked first, so that a missing file, a folder
+        (a run's checkpoints, an export) or a file that is no checkpoint of this package is named, with what to
+        pass instead, rather than by torch's unpickling error."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            from qwen3_lightning.interop import read_checkpoint
+
+            read_checkpoint(checkpoint_path, mmap=True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from qwen3_lightning.interop import tokenizer_state

@@ -196,6 +196,19 @@ def test_a_loaded_module_predicts_from_loaders_of_its_own(checkpoint):
         quiet_trainer().predict(module, loader)
 
 
+def test_loading_what_is_no_checkpoint_names_it(checkpoint, tmp_path):
+    path, _ = checkpoint
+    (tmp_path / "notes.txt").write_text("春眠不觉晓", encoding="utf-8")
+    for bad, error, message in [
+        (tmp_path / "gone.ckpt", FileNotFoundError, r"checkpoint .*gone.ckpt does not exist. Its folder holds model"),
+        (tmp_path, ValueError, r"is a folder; pass one checkpoint file in it \(model.ckpt\)"),
+        (tmp_path / "notes.txt", ValueError, r"notes.txt is not a readable PyTorch checkpoint: it is not a file"),
+    ]:
+        with pytest.raises(error, match=message):  # not torch's UnpicklingError, nor a bare IsADirectoryError
+            Qwen3LightningModule.load_from_checkpoint(bad)
+    assert Qwen3LightningModule.load_from_checkpoint(path.as_uri()).config.vocab_size == 30  # a URL: Lightning's
+
+
 def test_loading_with_another_loss_than_the_checkpoints_is_flagged(checkpoint):
     path, _ = checkpoint
     with pytest.warns(UserWarning, match=r"trained with the loss torch.nn.CrossEntropyLoss\(.*label_smoothing=0.3"):
