@@ -960,7 +960,8 @@ class TextDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = state_dict.get("position")
-        if position and self.trainer is not None and position["batches"]:
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING  # (not validate's)
+        if position and fitting and position["batches"]:
             self._resume = self._resume_point(position)
         self.check_vocabulary(state_dict)
 

@@ -737,6 +737,19 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def test_a_mid_epoch_checkpoint_warns_of_other_batches_only_when_training_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    main(fit_args(corpus, run, "--trainer.max_steps", "2"))  # mid-epoch: 4 length-bucketed batches an epoch
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["TextDataModule"]["position"]["batches"] == 2
+    unbucketed = ("--ckpt_path", "last", "--data.bucket_by_length", "false")
+    with warnings.catch_warnings(record=True) as caught:  # validate draws no training batches: nothing to say
+        warnings.simplefilter("always")
+        main(["validate", *fit_args(corpus, run, *unbucketed, "--trainer.logger", "false")[1:]])
+    assert not [w for w in caught if "mid-epoch" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"the checkpoint was written mid-epoch with bucket_by_length=True"):
+        main(fit_args(corpus, run, *unbucketed, "--trainer.max_steps", "3"))
+
+
 def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused(corpus, tmp_path):
     # best.ckpt and last.ckpt have fixed names: forgetting --ckpt_path last must not replace a trained model
     run = tmp_path / "run"
