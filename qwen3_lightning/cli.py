@@ -225,6 +225,7 @@ class Qwen3CLI(LightningCLI):
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
         self.model.check_monitors(self.trainer.callbacks, warn=False)
+        check_val_check_interval(self.trainer, self.datamodule.batches_per_epoch(self.trainer.world_size))
         from qwen3_lightning.interop import read_initial_checkpoint, tokenizer_state
 
         resume = self.config.fit.ckpt_path
@@ -279,6 +280,20 @@ class Qwen3CLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or DEFAULT_ROOT)
         return super().instantiate_trainer(**kwargs)
+
+
+def check_val_check_interval(trainer: Trainer, batches: int) -> None:
+    """Refuses a ``trainer.val_check_interval`` of more batches than an epoch has (``batches`` on each process),
+    which Lightning refuses only once the log folder is made, with a traceback."""
+    interval, limit = trainer.val_check_interval, trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if isinstance(interval, int) and trainer.check_val_every_n_epoch is not None and interval > batches:
+        raise ValueError(
+            f"trainer.val_check_interval={interval} is more than the {batches} training batches of an epoch (on "
+            f"each of {trainer.world_size} process(es)), so validation would never come round. Give at most "
+            f"{batches}, a fraction of an epoch (0.5: twice an epoch), or --trainer.check_val_every_n_epoch null "
+            "to count batches across epochs."
+        )
 
 
 def check_devices(trainer: Any) -> None:

@@ -853,6 +853,13 @@ class TextDataModule(L.LightningDataModule):
         if not resume.ended:  # so that a checkpoint later in this epoch says which items its count stands for
             self._origin = (resume.epoch, resume.seen - start * self._per_step(), resume.end)
 
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """The training batches of an epoch on each of ``world_size`` processes, as the loader deals them out."""
+        items = (
+            math.ceil(len(self.train_dataset) / self.batch_size) if self.bucket_by_length else len(self.train_dataset)
+        )
+        return math.ceil(math.ceil(items / world_size) / self._per_batch())
+
     def _per_batch(self) -> int:
         """Items in a batch: examples, or one batch of them when bucketed."""
         return 1 if self.bucket_by_length else self.batch_size

@@ -939,3 +939,16 @@ def test_a_file_named_twice_is_read_once_and_said(zh_corpus_file):
 def test_validation_files_that_are_also_trained_on_are_warned_of(zh_corpus_file):
     with pytest.warns(UserWarning, match=r"data.val_path and data.train_path both hold .*corpus.txt: the model trains"):
         TextDataModule(train_path=str(zh_corpus_file.parent), val_path=str(zh_corpus_file))
+
+
+@pytest.mark.parametrize("bucket_by_length", [True, False])
+def test_batches_per_epoch_is_each_process_s_loader_length(zh_docs, bucket_by_length):
+    from types import SimpleNamespace
+
+    dm = TextDataModule(texts=zh_docs * 7, val_split=0, max_length=16, batch_size=3, bucket_by_length=bucket_by_length)
+    for world_size in (1, 2, 3, 5):
+        lengths = set()
+        for rank in range(world_size):
+            dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=0)
+            lengths.add(len(dm._loader(dm.train_dataset, shuffle=True)))
+        assert lengths == {dm.batches_per_epoch(world_size)}, world_size

@@ -737,6 +737,24 @@ def test_resuming_with_a_different_vocabulary_is_refused(corpus, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trainer.val_check_interval", "50"], r"val_check_interval=50 is more than the 7 training batches of an"),
+        (
+            ["--trainer.val_check_interval", "3", "--trainer.limit_train_batches", "2"],
+            r"val_check_interval=3 is more than the 2 training batches of an epoch \(on each of 1 process",
+        ),
+    ],
+)
+def test_a_validation_interval_longer_than_an_epoch_is_refused_before_the_run(corpus, tmp_path, extra, message):
+    # Lightning refuses it too, but with a traceback, once the log folder is made
+    with pytest.raises(SystemExit, match=message):
+        main(fit_args(corpus, tmp_path / "run", *extra, "--trainer.max_steps", "5"))
+    assert not (tmp_path / "run").exists()
+    main(fit_args(corpus, tmp_path / "run", "--trainer.val_check_interval", "4", "--trainer.max_steps", "5"))
+
+
 def test_a_mid_epoch_checkpoint_warns_of_other_batches_only_when_training_resumes(corpus, tmp_path):
     run = tmp_path / "run"
     main(fit_args(corpus, run, "--trainer.max_steps", "2"))  # mid-epoch: 4 length-bucketed batches an epoch
