@@ -51,8 +51,17 @@ def normalize_epoch_progress(fit: dict[str, Any]) -> None:
       epoch-end hooks before: Lightning counts that epoch as completed (or about to be), and a resume with a
       higher ``max_steps`` would start the next epoch, cut short by the batches already run. Now the epoch
       counts as interrupted, and a resume finishes it first.
+    - Saved when a stop (Ctrl-C, raised wherever it lands) cut a training batch short, before its optimizer
+      step was taken: the batch counts as ready and started but not processed, and the resumed run trains it
+      again. Lightning resets only the epoch's count on restart, so the run's total stayed one batch ahead for
+      each such stop, and validation every N batches across epochs (``check_val_every_n_epoch: null``) came
+      one batch early ever after (the validation due at the interrupted batch was skipped). Now the batch
+      counts as not started, in both counts.
     """
     batches = fit["epoch_loop.batch_progress"]
+    for counts in (batches["total"], batches["current"]):
+        if counts["ready"] > counts["processed"]:
+            counts["ready"] = counts["started"] = counts["processed"]
     for epochs in (fit["epoch_progress"]["current"], fit["epoch_progress"]["total"]):
         if batches["is_last_batch"] and epochs["processed"] == epochs["started"]:
             epochs["completed"] = epochs["processed"]

@@ -104,15 +104,15 @@ class TermAt(nn.Module):
     """Cross-entropy that sends this process SIGTERM (what a scheduler does before preemption) at its
     ``step``-th training call: an interruption at an exact step, without timing."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
         super().__init__()
-        self.step, self.calls = step, 0
+        self.step, self.signum, self.calls = step, signum, 0
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             self.calls += 1
             if self.calls == self.step:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.signum)  # SIGINT (Ctrl-C) raises here, inside the batch's forward
         return nn.functional.cross_entropy(logits, labels)
 
 
@@ -147,6 +147,36 @@ def test_interrupted_run_resumes_exactly(corpus, tmp_path, step, extra, at):
     resumed = losses(run, 1)  # by step: each row has the step it would have had without the interruption
     assert resumed == pytest.approx({s: loss for s, loss in expected.items() if s >= at}, abs=1e-5)
     assert len(resumed) == len(expected) - at > 0
+
+
+def validations(root: Path, version: int) -> dict[int, float]:
+    with open(root / "logs" / f"version_{version}" / "metrics.csv", encoding="utf-8") as f:
+        return {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
+
+
+def test_ctrl_c_inside_a_batch_resumes_with_the_validations_of_an_uninterrupted_run(corpus, tmp_path):
+    # Ctrl-C raises inside the batch's forward: that batch is trained again on resume, and must not count twice
+    # in the run's batch total, which places validations every 3 batches across epochs
+    steps = ["--trainer.max_steps", "25", "--trainer.val_check_interval", "3"]
+    steps += ["--trainer.check_val_every_n_epoch", "null"]
+    main(fit_args(corpus, tmp_path / "reference", *steps))
+    run = tmp_path / "run"
+    for version, step in enumerate((11, 5)):  # stopped twice: each stop would have moved them one batch more
+        criterion = f"{{class_path: {__name__}.TermAt, init_args: {{step: {step}, signum: {int(signal.SIGINT)}}}}}"
+        resume = ["--ckpt_path", "last"] if version else []
+        with pytest.raises(SystemExit) as stopped:
+            main(fit_args(corpus, run, *steps, "--model.criterion", criterion, *resume))
+        assert stopped.value.code == 1
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 14
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert batches["ready"] == batches["started"] == batches["processed"] == 14
+    main(fit_args(corpus, run, *steps, "--ckpt_path", "last"))
+    expected = validations(tmp_path / "reference", 0)
+    resumed = {**validations(run, 0), **validations(run, 1), **validations(run, 2)}
+    assert resumed == pytest.approx(expected, abs=1e-5)
+    reference = losses(tmp_path / "reference", 0)
+    assert losses(run, 2) == pytest.approx({s: loss for s, loss in reference.items() if s >= 14}, abs=1e-5)
 
 
 @pytest.mark.parametrize(
