@@ -122,8 +122,8 @@ def read_text(file: Path) -> str:
             codecs.BOM_UTF16_BE: "UTF-16",
         }
         source = next((encoding for bom, encoding in boms.items() if raw.startswith(bom)), None)
-        if source is None and utf16_newline(raw):  # UTF-16 without a mark, told by its newlines
-            source = f"UTF-16{utf16_newline(raw)}"
+        if source is None and (order := utf16_newline(raw)):  # UTF-16 without a mark, told by its newlines
+            source = f"UTF-16{order}"
         if source is None and start < 4 and 0x80 <= raw[start] < 0xC0:  # a UTF-8 continuation byte first
             rest = raw[start:].lstrip(bytes(range(0x80, 0xC0)))
             try:
