@@ -249,19 +249,22 @@ class TextSampler(_EveryNSteps):
         self._last_step = -1
         self.enabled = True
 
+    def check_prompts(self, max_position_embeddings: int) -> None:
+        """Refuses prompts that leave a model of ``max_position_embeddings`` no room to write."""
+        too_long = [p for p in self.prompts if len(p) + 1 >= max_position_embeddings]  # +1: <bos>
+        if too_long:
+            raise ValueError(
+                f"sampler.prompts {too_long} leave no room to generate within the model's "
+                f"max_position_embeddings={max_position_embeddings}; shorten them."
+            )
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from qwen3_lightning.module import is_sharded
 
         self.enabled = not is_sharded(trainer.strategy)
         if stage != TrainerFn.FITTING:  # samples are written during fit only
             return
-        limit = pl_module.config.max_position_embeddings
-        too_long = [p for p in self.prompts if len(p) + 1 >= limit]  # +1: <bos>
-        if too_long:  # checked on every rank, before training, so that no rank fails alone later
-            raise ValueError(
-                f"sampler.prompts {too_long} leave no room to generate within the model's "
-                f"max_position_embeddings={limit}; shorten them."
-            )
+        self.check_prompts(pl_module.config.max_position_embeddings)  # on every rank: none fails alone later
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         unknown = "".join(sorted(tokenizer.unknown_chars("".join(self.prompts)))) if tokenizer else ""
         if self.enabled and unknown:  # the configs' Chinese prompts, on someone's own text

@@ -225,7 +225,17 @@ class Qwen3CLI(LightningCLI):
         # would even load the weights before on_load_checkpoint
         self.datamodule.datasets()
         self.model.check_monitors(self.trainer.callbacks, warn=False)
+        self.model.check_criterion()
+        self.model.check_data(self.datamodule)
+        self.datamodule.check_early_stopping(self.trainer.callbacks)
+        for sampler in (c for c in self.trainer.callbacks if isinstance(c, TextSampler)):
+            sampler.check_prompts(self.model.config.max_position_embeddings)
         check_val_check_interval(self.trainer, self.datamodule.batches_per_epoch(self.trainer.world_size))
+        self._check_checkpoints()
+        self.datamodule.check_training_text()  # after: a checkpoint's other vocabulary is the cause to name
+
+    def _check_checkpoints(self) -> None:
+        """The shape and vocabulary of fit's ``ckpt_path`` or ``model.initial_checkpoint`` against this run's."""
         from qwen3_lightning.interop import read_initial_checkpoint, tokenizer_state
 
         resume = self.config.fit.ckpt_path

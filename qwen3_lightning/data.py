@@ -710,9 +710,11 @@ class TextDataModule(L.LightningDataModule):
         # predict_path, the run may bring its own data loaders: only this module's say that one is missing.)
         if stage == TrainerFn.FITTING:
             self.datasets()
+            self.check_training_text()
             self._warn_of_unknown_characters(self.train_dataset, "training")
             self._warn_of_unknown_characters(self.val_dataset, "validation")
-            self._check_monitors()
+            if self.trainer is not None:
+                self.check_early_stopping(self.trainer.callbacks)
         elif stage == TrainerFn.VALIDATING:
             self._warn_of_unknown_characters(self.val_dataset, "validation")
         elif stage == TrainerFn.TESTING and self.test_path is not None:
@@ -726,14 +728,14 @@ class TextDataModule(L.LightningDataModule):
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(Path(log_dir) / "tokenizer.json")
 
-    def _check_monitors(self) -> None:
+    def check_early_stopping(self, callbacks: list[L.Callback]) -> None:
         """Early stopping on a validation metric needs validation data: without, Lightning would raise after the
         first training epoch, before any checkpoint is written."""
         from lightning.pytorch.callbacks import EarlyStopping
 
-        if self.val_dataset is not None or self.trainer is None:
+        if self.val_dataset is not None:
             return
-        for callback in self.trainer.callbacks:
+        for callback in callbacks:
             if isinstance(callback, EarlyStopping) and callback.monitor.startswith("val"):
                 raise ValueError(
                     f"EarlyStopping monitors {callback.monitor}, but this run has no validation data "
@@ -741,20 +743,32 @@ class TextDataModule(L.LightningDataModule):
                     "drop the EarlyStopping callback."
                 )
 
+    def check_training_text(self) -> None:
+        """Refuses training text that is over half ``<unk>``: a run that would learn mostly ``<unk>`` (the CLI
+        checks before the log folder is made)."""
+        unknown = self._unknown_characters(self.train_dataset, "training")
+        if unknown is not None and unknown[0] > 0.5:
+            raise ValueError(f"{unknown[1]} (Refused: over 50% is a run that would learn mostly <unk>.)")
+
     def _warn_of_unknown_characters(self, dataset: TextDataset | None, split: str) -> None:
-        """Warns when much of a split's text becomes ``<unk>``: a vocabulary from another corpus
-        (``tokenizer_path``: fine-tuning, or a checkpoint's for validate and test), or a ``min_freq`` or
-        ``vocab_size`` that drops many characters. Training text: over 1%, and refused over 50% (a run that
-        would learn mostly ``<unk>``). Text that is evaluated: over 20%, since a few rare characters of held-out
-        text always miss from the training text (2.8% of the sample corpus's validation split); more leaves its
-        loss, and so best.ckpt, saying little of the model."""
+        unknown = self._unknown_characters(dataset, split)
+        if unknown is not None:
+            rank_zero_warn(unknown[1])
+
+    def _unknown_characters(self, dataset: TextDataset | None, split: str) -> tuple[float, str] | None:
+        """The share of a split's text that is ``<unk>`` and what to say of it, where that share is much: from a
+        vocabulary of another corpus (``tokenizer_path``: fine-tuning, or a checkpoint's for validate and test),
+        or a ``min_freq`` or ``vocab_size`` that drops many characters. Training text: over 1% (and refused over
+        50% by ``check_training_text``: a run that would learn mostly ``<unk>``). Text that is evaluated: over 20%,
+        since a few rare characters of held-out text always miss from the training text (2.8% of the sample
+        corpus's validation split); more leaves its loss, and so best.ckpt, saying little of the model."""
         if dataset is None:
-            return
+            return None
         corpus = dataset.corpus
         characters = len(corpus.tokens) - 2 * len(corpus)  # each document's <bos> and <eos> are not text
         unknown = int(np.count_nonzero(corpus.tokens == self.tokenizer.unk_token_id))
         if not characters or unknown / characters <= (0.01 if split == "training" else 0.2):
-            return
+            return None
         tokenizer, path = self.tokenizer, self.hparams.tokenizer_path
         if path:
             checkpoint = Path(path).is_file() and zipfile.is_zipfile(path)  # (what torch.save writes)
@@ -781,9 +795,7 @@ class TextDataModule(L.LightningDataModule):
             f"{unknown / characters:.1%} of the {split} characters ({unknown:,} of {characters:,}) are read as "
             f"<unk>: {cause}. {effect} {fix}"
         )
-        if split == "training" and unknown / characters > 0.5:
-            raise ValueError(f"{message} (Refused: over 50% is a run that would learn mostly <unk>.)")
-        rank_zero_warn(message)
+        return unknown / characters, message
 
     def _loader(self, dataset: TextDataset, shuffle: bool) -> DataLoader:
         items: Dataset = LengthBuckets(dataset, self.batch_size, self.seed) if self.bucket_by_length else dataset

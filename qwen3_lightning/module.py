@@ -304,6 +304,20 @@ class Qwen3LightningModule(L.LightningModule):
         if self._trainer:
             check_trainer_settings(self.trainer.gradient_clip_val, self.trainer.accumulate_grad_batches)
         datamodule = self.trainer.datamodule if self._trainer else None
+        self.check_data(datamodule)
+        max_length = getattr(datamodule, "max_length", None)
+        if max_length is not None and not self._is_sharded():
+            # the model summary at the start of fit runs this through the model to count one sequence's FLOPs
+            # (not under FSDP: a forward that bypasses the root wrapper would leave its inner units broken)
+            self.example_input_array = torch.zeros(1, max_length, dtype=torch.long)
+        if stage == "fit":
+            self.check_monitors(self.trainer.callbacks)
+        if stage == "predict":
+            self.check_prompts(datamodule)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuses a datamodule whose vocabulary or ``max_length`` this model cannot take (the CLI checks before
+        the log folder is made)."""
         data_vocab = getattr(datamodule, "vocab_size", None)
         if isinstance(data_vocab, int) and data_vocab > self.config.vocab_size:
             raise ValueError(
@@ -318,14 +332,6 @@ class Qwen3LightningModule(L.LightningModule):
                 f"{self.config.max_position_embeddings}. Lower data.max_length, or raise the model's "
                 "max_position_embeddings in model.overrides."
             )
-        if max_length is not None and not self._is_sharded():
-            # the model summary at the start of fit runs this through the model to count one sequence's FLOPs
-            # (not under FSDP: a forward that bypasses the root wrapper would leave its inner units broken)
-            self.example_input_array = torch.zeros(1, max_length, dtype=torch.long)
-        if stage == "fit":
-            self.check_monitors(self.trainer.callbacks)
-        if stage == "predict":
-            self.check_prompts(datamodule)
 
     def check_monitors(self, callbacks: list[L.Callback], warn: bool = True) -> None:
         """Refuses a checkpoint or early-stopping ``monitor`` that misspells a metric this module logs (Lightning
@@ -406,21 +412,41 @@ class Qwen3LightningModule(L.LightningModule):
         check_batch(batch)
         self._last_batch_shape = tuple(batch["input_ids"].shape)
         logits = self(batch["input_ids"], batch.get("attention_mask"))
+        loss = self._criterion_loss(logits.flatten(0, 1), batch["labels"].flatten())
+        return loss, (batch["labels"] != IGNORE_INDEX).sum()
+
+    def _criterion_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         how = (
             "It is called as criterion(logits of shape (tokens, vocab), labels of shape (tokens,), padding "
             "labelled -100) and must return one number, as nn.CrossEntropyLoss does."
         )
         try:
-            loss = self.criterion(logits.flatten(0, 1), batch["labels"].flatten())
+            loss = self.criterion(logits, labels)
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(f"model.criterion {type(self.criterion).__name__} failed: {err}. {how}") from err
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"model.criterion {type(self.criterion).__name__} returned {shape}, not one number. {how}")
-        return loss, (batch["labels"] != IGNORE_INDEX).sum()
+        return loss
+
+    def check_criterion(self) -> None:
+        """Calls the loss once on made-up logits and labels (padding among them), so that one that cannot take
+        them is refused before a run starts, rather than at its first step (the CLI calls this before the log
+        folder is made). Without gradients, as an evaluation: a loss that counts its training calls is not
+        thrown off."""
+        vocab = self.config.vocab_size
+        labels = torch.tensor([0, vocab - 1, IGNORE_INDEX])
+        with torch.no_grad():
+            logits = torch.randn(len(labels), vocab, generator=torch.Generator().manual_seed(0))
+            self._criterion_loss(logits, labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)
+        self._account(loss, n_tokens, batch_idx)
+        return loss
+
+    @torch.compiler.disable  # bookkeeping: under torch.compile(module) only the loss above is compiled
+    def _account(self, loss: torch.Tensor, n_tokens: torch.Tensor, batch_idx: int) -> None:
         # one reduction gives the tokens of all ranks and tells every rank if any loss broke or any process got
         # SIGTERM, so that all stop together (a rank stopping alone would leave the others waiting for it forever)
         sigterm = torch.tensor(float(self._sigterm), device=loss.device)
@@ -440,10 +466,13 @@ class Qwen3LightningModule(L.LightningModule):
         self.tokens_seen += int(tokens)
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
-        return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric, stage: str) -> None:
         loss, n_tokens = self._loss(batch)
+        self._record(loss, n_tokens, metric, stage)
+
+    @torch.compiler.disable
+    def _record(self, loss: torch.Tensor, n_tokens: torch.Tensor, metric: MeanMetric, stage: str) -> None:
         metric.update(loss, weight=n_tokens)  # token-weighted, reduced over ranks by torchmetrics
         self.log(f"{stage}_loss", metric, prog_bar=True)
 

@@ -440,6 +440,15 @@ def test_test_and_predict_without_their_data_write_nothing(checkpoint, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_training_text_mostly_outside_the_vocabulary_is_refused_before_the_log_folder(checkpoint, tmp_path):
+    english = tmp_path / "english.txt"
+    english.write_text("Spring sleep.\n\nBirds sing.\n\nWind and rain.\n\nPetals fall.\n", encoding="utf-8")
+    args = cli_args("fit", english, tmp_path / "run", "--data.tokenizer_path", str(checkpoint))
+    with pytest.raises(SystemExit, match=r"100.0% of the training characters .* \(Refused: over 50%"):
+        main(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_test_subcommand_reports_test_loss(checkpoint, tmp_path, capsys):
     corpus = checkpoint.parents[1] / "poems.txt"
     args = cli_args("test", corpus, tmp_path, "--ckpt_path", str(checkpoint), "--trainer.logger", "false")

@@ -257,3 +257,24 @@ def test_a_loader_without_length_needs_max_steps_for_the_schedule():
     trainer = quiet_trainer(max_steps=8)
     trainer.fit(module, DataLoader(Stream(list(data.train_dataloader()) * 4), batch_size=None))
     assert trainer.global_step == 8 and module._schedule == (2, 8, 1e-5 / module.hparams.learning_rate)
+
+
+def test_a_module_wrapped_in_torch_compile_trains_and_validates_as_the_eager_one():
+    """``trainer.fit(torch.compile(module))``, as Lightning's docs show it: the loss is compiled, the logging
+    around it is not (Dynamo failed inside ``self.log``), and the weights follow the eager run's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trained = []
+    for wrap in (lambda m: m, torch.compile):
+        torch.manual_seed(0)
+        data = TextDataModule(texts=DOCS, val_split=0.3, max_length=32, batch_size=3)
+        module = Qwen3LightningModule(overrides=SHAPE, vocab_size=data.vocab_size, warmup_steps=0)
+        trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=0, limit_val_batches=1)
+        trainer.fit(wrap(module), data)
+        trained.append((module, trainer.callback_metrics))
+    (eager, eager_metrics), (compiled, compiled_metrics) = trained
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for key in ("train_loss", "val_loss"):
+        torch.testing.assert_close(compiled_metrics[key], eager_metrics[key], rtol=1e-4, atol=1e-5)
