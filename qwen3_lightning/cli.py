@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
 import inspect
 import itertools
+import locale
 import signal
 import sys
 import traceback
@@ -325,7 +327,8 @@ def check_devices(trainer: Any) -> None:
 
 def check_config_files(args: list[str]) -> None:
     """Refuses a ``--config`` file that is no YAML mapping of settings, naming it (jsonargparse names neither the
-    file nor the fix, and prints a text file given by mistake whole)."""
+    file nor the fix, and prints a text file given by mistake whole), and settings beyond ASCII that this Python
+    would read and write in another encoding than UTF-8 (``check_file_encoding``)."""
     import yaml
 
     given = [v for flag, v in itertools.pairwise(args) if flag in ("-c", "--config")]
@@ -336,7 +339,8 @@ def check_config_files(args: list[str]) -> None:
         # a text file given as the config: say where it goes
         hint = f" To train on it, give it as --data.train_path {path}." if path.suffix.lower() in TEXT_SUFFIXES else ""
         try:
-            settings = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+            content = path.read_text(encoding="utf-8-sig")
+            settings = yaml.safe_load(content)
         except UnicodeDecodeError:
             raise ValueError(f"--config {path} is not UTF-8 text, so no YAML config.{hint}") from None
         except yaml.YAMLError as err:
@@ -352,6 +356,25 @@ def check_config_files(args: list[str]) -> None:
                 f"--config {path} holds a YAML {type(settings).__name__}, not settings ('section: ...' lines, as "
                 f"in configs/tiny.yaml).{hint}"
             )
+        check_file_encoding(f"--config {path}", content)
+    for arg in args:
+        check_file_encoding(f"the argument {arg}", arg)
+
+
+def check_file_encoding(what: str, text: str) -> None:
+    """Refuses settings beyond ASCII (``text``, from ``what``) where Python reads and writes text files in an
+    encoding other than UTF-8, as on Windows outside UTF-8 mode (cp1252, or GBK on Chinese Windows): jsonargparse
+    reads the ``--config`` files and writes the run's config.yaml in it, so their Chinese text would be misread,
+    or crash the run once its log folder is made, or leave a config.yaml that other machines cannot read."""
+    encoding = locale.getpreferredencoding(False)  # what open() uses when given no encoding
+    if text.isascii() or codecs.lookup(encoding).name == "utf-8":
+        return
+    raise ValueError(
+        f"{what} holds characters beyond ASCII, but this Python reads and writes text files in {encoding}, not "
+        "UTF-8: jsonargparse would misread them in a config file, or fail to write the run's config.yaml once the "
+        "run has started. Run Python in UTF-8 mode: set PYTHONUTF8=1 first (Windows cmd: `set PYTHONUTF8=1`, "
+        "PowerShell: `$env:PYTHONUTF8=1`), or start it as `python -X utf8 -m qwen3_lightning ...`."
+    )
 
 
 def model_shape(model: Any) -> Qwen3Config | None:

@@ -719,6 +719,32 @@ def test_a_config_that_is_no_yaml_settings_is_named(tmp_path, capsys, name, cont
     assert "处处闻啼鸟" not in capsys.readouterr().err  # a text given by mistake is not printed back
 
 
+@pytest.mark.parametrize("encoding", ["cp1252", "GBK"])
+def test_settings_beyond_ascii_need_utf8_mode_where_files_are_not_utf8(corpus, tmp_path, monkeypatch, encoding):
+    # Windows outside UTF-8 mode: open() reads and writes in the ANSI code page, and so does jsonargparse
+    monkeypatch.setattr("locale.getpreferredencoding", lambda do_setlocale=True: encoding)
+    ascii_config = write(tmp_path / "ascii.yaml", "trainer:\n  max_steps: 1\n")
+    short = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "1"]
+    for args in (
+        ["--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus)],  # its prompts are Chinese
+        ["--config", ascii_config, "--data.train_path", str(corpus), "--sampler.prompts", "[春眠]"],  # in config.yaml
+        ["--config", ascii_config, "--data.train_path", str(tmp_path / "诗.txt")],
+    ):
+        with pytest.raises(
+            SystemExit,
+            match=rf"beyond ASCII, but this Python reads and writes text files in {encoding}, .* set PYTHONUTF8=1",
+        ):
+            main(["fit", *args, *short])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as stop:  # ASCII settings read alike in every encoding
+        main(["fit", "--config", ascii_config, "--data.train_path", str(corpus), "--print_config"])
+    assert not stop.value.code
+    monkeypatch.setattr("locale.getpreferredencoding", lambda do_setlocale=True: "utf-8")  # UTF-8 mode
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train_path", str(corpus), "--print_config"])
+    assert not stop.value.code
+
+
 def test_a_monitor_this_module_does_not_log_is_warned_of(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
