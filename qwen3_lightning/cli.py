@@ -616,7 +616,46 @@ def raised_here(err: BaseException) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
+class Unprintable:
+    """The encoding error handler of standard output where its encoding lacks characters (Windows writes output
+    redirected to a file or pipe in its code page: cp1252 has no Chinese, GBK no '\ufffd', the sign of <unk>):
+    each prints as '?', and the first is said once on stderr, rather than a UnicodeEncodeError ending a run at
+    its first text sample."""
+
+    name = "qwen3_lightning.unprintable"
+
+    def __init__(self) -> None:
+        self.encoding, self.said = "", False
+
+    def __call__(self, err: UnicodeError) -> tuple[str, int]:
+        if not isinstance(err, UnicodeEncodeError):
+            raise err
+        if not self.said:
+            self.said = True
+            print(
+                f"\nwarning: standard output is written in {self.encoding or err.encoding}, which lacks some "
+                "characters of this text: they print as '?' (a run's samples.jsonl and predictions.jsonl hold them "
+                "all). To print them, set PYTHONUTF8=1 (Windows cmd: `set PYTHONUTF8=1`, PowerShell: "
+                "`$env:PYTHONUTF8=1`).",
+                file=sys.stderr,
+            )
+        return "?" * (err.end - err.start), err.end
+
+
+UNPRINTABLE = Unprintable()
+codecs.register_error(Unprintable.name, UNPRINTABLE)
+
+
+def print_what_stdout_can() -> None:
+    """Standard output without crashing on characters its encoding lacks (``Unprintable``); UTF-8 is left as is."""
+    stream, encoding = sys.stdout, getattr(sys.stdout, "encoding", None)
+    if encoding and hasattr(stream, "reconfigure") and not codecs.lookup(encoding).name.startswith("utf"):
+        UNPRINTABLE.encoding = encoding
+        stream.reconfigure(errors=Unprintable.name)
+
+
 def main(args: list[str] | None = None) -> None:
+    print_what_stdout_can()
     # TextDataModule restores the position inside an epoch itself (EpochSampler), which Lightning cannot see
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # at the end of a run that stopped before any validation: best.ckpt simply waits for one (val_loss is logged

@@ -1,6 +1,7 @@
 """The generate and export subcommands, on a checkpoint of a short CLI run."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -71,6 +72,29 @@ def test_generate_prints_seeded_samples(checkpoint, capsys):
     assert len(samples) == 2 and first.stdout.count("--- sample") == 2
     _, tokenizer = load_checkpoint(checkpoint)
     assert all(c in tokenizer.token_to_id for s in samples for c in s)
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "gbk"])
+def test_generate_prints_to_an_output_whose_encoding_lacks_the_characters(checkpoint, encoding):
+    # Windows writes output redirected to a file in its code page: cp1252 has no Chinese, GBK no "\ufffd" (<unk>)
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    args = [
+        "generate",
+        "--ckpt_path",
+        str(checkpoint),
+        "--prompt",
+        "春眠\ufffd",
+        "--max_new_tokens",
+        "12",
+        "--seed",
+        "0",
+    ]
+    run = subprocess.run([sys.executable, "-m", "qwen3_lightning", *args], capture_output=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    out, err = run.stdout.decode(encoding), run.stderr.decode(encoding)
+    assert out.startswith("??" if encoding == "cp1252" else "春眠?") and "Traceback" not in err
+    assert err.count(f"warning: standard output is written in {encoding}, which lacks some characters") == 1
+    assert "set PYTHONUTF8=1" in err
 
 
 def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
