@@ -202,11 +202,17 @@ BLANK_LINE = re.compile(r"^[^\S\n]+$", re.MULTILINE)
 """A line of spaces, tabs or ideographic spaces only: it looks blank, so it separates paragraphs as one."""
 
 
+def plain_newlines(text: str) -> str:
+    """``text`` with Windows (``\\r\\n``) and old Mac (``\\r``) line ends as ``\\n``, as Python's text files read
+    them: a ``\\r`` left in would be a character of the vocabulary, and generated, moves the cursor back."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_documents(file: Path, separator: str = "\n\n", keep_empty: bool = False) -> list[str]:
     """Documents of one file: paragraphs of a .txt (split at ``separator``; lines of whitespace only count as
     blank), or the ``text`` field of each line of a .jsonl. Whitespace around a document is dropped, and so
     are empty documents, except a .jsonl's with ``keep_empty`` (one per record: prompts)."""
-    text = read_text(file).replace("\r\n", "\n")
+    text = plain_newlines(read_text(file))
     if file.suffix.lower() != ".jsonl":
         text = BLANK_LINE.sub("", text)
         return [doc.strip() for doc in (text.split(separator) if separator else [text]) if doc.strip()]
@@ -229,7 +235,7 @@ def read_documents(file: Path, separator: str = "\n\n", keep_empty: bool = False
                 "or complete the pair."
             )
         if record["text"].strip() or keep_empty:
-            docs.append(record["text"].strip())
+            docs.append(plain_newlines(record["text"]).strip())  # (JSON text from Windows may hold "\r\n")
     return docs
 
 

@@ -29,6 +29,7 @@ from qwen3_lightning.data import (
     collate,
     find_text_files,
     load_corpus,
+    plain_newlines,
     read_documents,
     read_prompts,
 )
@@ -156,6 +157,16 @@ def test_txt_crlf_and_bom_read_like_lf(tmp_path, zh_docs):
     assert read_documents(path) == zh_docs
 
 
+def test_old_mac_line_ends_and_crlf_inside_jsonl_text_read_like_lf(tmp_path, zh_docs):
+    mac = tmp_path / "mac.txt"  # a lone \r ends lines (classic Mac OS, Excel for Mac's "Text (Macintosh)")
+    mac.write_bytes("\n\n".join(zh_docs).replace("\n", "\r").encode("utf-8"))
+    records = tmp_path / "windows.jsonl"  # text taken from Windows files, its line ends escaped in the JSON
+    records.write_bytes(b"\r\n".join(json.dumps({"text": d.replace("\n", "\r\n")}).encode() for d in zh_docs))
+    assert read_documents(mac) == read_documents(records) == zh_docs
+    module = TextDataModule(train_path=[str(mac), str(records)], val_split=0)
+    assert "\r" not in module.tokenizer.token_to_id  # nor would it be generated
+
+
 def test_txt_custom_separator(tmp_path):
     path = tmp_path / "poems.txt"
     path.write_text("一\n\n二###三###\n###四", encoding="utf-8")
@@ -227,7 +238,7 @@ def test_jsonl_round_trip_any_text(texts, ensure_ascii):
         path = Path(d) / "docs.jsonl"
         body = "".join(json.dumps({"text": t}, ensure_ascii=ensure_ascii) + "\n" for t in texts)
         path.write_text(body, encoding="utf-8", newline="")
-        assert read_documents(path) == [t.strip() for t in texts if t.strip()]
+        assert read_documents(path) == [plain_newlines(t).strip() for t in texts if t.strip()]
 
 
 @pytest.mark.parametrize(
