@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -149,8 +150,12 @@ def read_text(file: Path) -> str:
             else "`iconv -f GB18030 -t UTF-8 in.txt > out.txt` for Chinese text (GBK), or -f CP1252 for Western "
             "European text (Windows' Latin-1)"
         )
+        # no iconv there; Notepad reads the code page's text (GBK on Chinese Windows) and marked UTF-16
+        notepad = (
+            " On Windows, Notepad converts it: File > Save As, Encoding: UTF-8." if sys.platform == "win32" else ""
+        )
         raise ValueError(
-            f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. Convert it, e.g. {how}."
+            f"{file} is not UTF-8 text: byte {start} is {raw[start : start + 1]!r}. Convert it, e.g. {how}.{notepad}"
         ) from None
     # UTF-16 without a byte-order mark decodes as UTF-8 where it is ASCII, every other byte NUL (a stray NUL in
     # real text is left alone: it is one more character)

@@ -6,6 +6,7 @@ import json
 import lzma
 import math
 import random
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -278,6 +279,16 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path, suffix):
     assert f"byte {len(prefix)}" in msg
     assert repr(path.read_bytes()[len(prefix) : len(prefix) + 1]) in msg
     assert "-f GB18030" in msg and "-f CP1252" in msg  # Chinese or Western European: the bytes cannot tell
+
+
+@pytest.mark.parametrize(("platform", "said"), [("win32", True), ("darwin", False), ("linux", False)])
+def test_non_utf8_file_on_windows_names_notepad(tmp_path, monkeypatch, platform, said):
+    path = tmp_path / "gbk.txt"  # what Notepad and most editors on Chinese Windows save by default ("ANSI")
+    path.write_bytes("春眠不觉晓".encode("gbk"))
+    monkeypatch.setattr(sys, "platform", platform)
+    with pytest.raises(ValueError, match=r"gbk.txt is not UTF-8 text: .*iconv -f GB18030") as err:
+        read_documents(path)
+    assert str(err.value).endswith("On Windows, Notepad converts it: File > Save As, Encoding: UTF-8.") == said
 
 
 @pytest.mark.parametrize(
