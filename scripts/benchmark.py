@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -197,9 +196,19 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def max_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS); NaN on Windows,
+    which has no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages; None on Windows, which keeps none."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def cpu_name() -> str:
@@ -221,7 +230,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_at_start": list(os.getloadavg()),
+        "load_average_at_start": load_average(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lightning": L.__version__,
@@ -874,8 +883,8 @@ def main(argv: list[str] | None = None) -> None:
     if ratios:
         report["ratios"] = ratios
         print("## Ratios\n\n" + markdown_table(["ratio", "value"], [[k, v] for k, v in ratios.items()]) + "\n")
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    report["machine"]["load_average_at_end"] = load_average()
+    args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"Numbers written to {args.json}.", file=sys.stderr)
 
 

@@ -81,3 +81,14 @@ def test_bad_benchmark_arguments_stop_before_any_work(argv, message, capsys):
         benchmark.parse_args(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_benchmark_imports_and_measures_without_unix_only_modules(monkeypatch):
+    # Windows has neither the resource module nor os.getloadavg
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource: ImportError
+    monkeypatch.delattr(os, "getloadavg", raising=False)
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.max_rss_mb() != benchmark.max_rss_mb()  # NaN: not measured
+    assert benchmark.load_average() is None
