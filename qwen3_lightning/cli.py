@@ -11,6 +11,7 @@ import locale
 import signal
 import sys
 import traceback
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -123,6 +124,7 @@ class Qwen3CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_paths(config)
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
         for key in CHECKPOINT_KEYS:
@@ -350,6 +352,8 @@ def check_config_files(args: list[str]) -> None:
                                    (getattr(err, "problem", None), getattr(err, "problem_mark", None)))
                 if text
             ]  # fmt: skip
+            if "escape" in str(getattr(err, "problem", "")):  # "C:\Users\me": \U starts an escape in double quotes
+                hint += f" {QUOTED_BACKSLASHES}"
             raise ValueError(f"--config {path} is not valid YAML: {', '.join(parts) or err}.{hint}") from None
         if settings is not None and not isinstance(settings, dict):
             raise ValueError(
@@ -359,6 +363,29 @@ def check_config_files(args: list[str]) -> None:
         check_file_encoding(f"--config {path}", content)
     for arg in args:
         check_file_encoding(f"the argument {arg}", arg)
+
+
+QUOTED_BACKSLASHES = (
+    "In double quotes, YAML reads a backslash as the start of an escape (\\n is a newline, \\t a tab): write "
+    "Windows paths in single quotes ('C:\\new\\poems.txt'), unquoted, or with forward slashes (C:/new/poems.txt)."
+)
+
+
+def check_paths(config: Any) -> None:
+    """Refuses a path setting that holds a control character, as a Windows path in a YAML file's double quotes
+    does (``"C:\\new\\train.txt"`` is ``C:``, a newline, ``ew``, a tab, ``rain.txt``): no file is named so,
+    and the error would otherwise be a file "not found" whose name prints like the one written."""
+    for key, value in config.items():
+        if not key.endswith(("path", "dir", "filename", "checkpoint")):
+            continue
+        for text in map(str, value if isinstance(value, (list, tuple)) else [value] if value is not None else []):
+            control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+            if control is not None:
+                name = CONTROL_NAMES.get(control, f"the control character U+{ord(control):04X}")
+                raise ValueError(f"--{key} {text!r} holds {name}. {QUOTED_BACKSLASHES}")
+
+
+CONTROL_NAMES = {"\n": "a newline (\\n)", "\t": "a tab (\\t)", "\r": "a carriage return (\\r)"}
 
 
 def check_file_encoding(what: str, text: str) -> None:

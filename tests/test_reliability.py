@@ -574,6 +574,11 @@ BAD_FIT_INPUT = {
         lambda d: ["--data.train_path", write(d / "c.jsonl", '{"text": "好"}\n{"text": 3}\n')],
         r"c.jsonl, line 2: each line must be an object with a string field 'text'",
     ),
+    "a Windows path in a YAML file's double quotes": (
+        lambda d: ["--config", write(d / "win.yaml", 'data:\n  train_path: "C:\\new\\train.txt"\n')],
+        r"--data.train_path 'C:\\new\\train.txt' holds a newline \(\\n\). In double quotes, YAML reads a backslash "
+        r"as the start of an escape .* write Windows paths in single quotes",
+    ),
     "max_length below 2": (lambda d: ["--data.max_length", "1"], "data.max_length=1 is too short"),
     "vocab_size below the specials": (lambda d: ["--data.vocab_size", "3"], "vocab_size=3 leaves no room"),
     "empty validation split": (lambda d: ["--data.val_split", "0.01"], "leaves no validation document"),
@@ -708,6 +713,12 @@ def test_a_misspelled_monitor_is_refused_before_the_run_starts(corpus, tmp_path,
             r"bad.yaml is not valid YAML: while parsing a flow sequence \(line 2, ",
         ),
         ("list.yaml", "- fit\n- tiny\n", r"list.yaml holds a YAML list, not settings \('section: ...' lines"),
+        (
+            "windows.yaml",
+            'data:\n  train_path: "C:\\Users\\me\\poems.txt"\n',
+            r"windows.yaml is not valid YAML: .* expected escape sequence of 8 hexadecimal numbers, .* In double "
+            r"quotes, YAML reads a backslash as the start of an escape .* write Windows paths in single quotes",
+        ),
         ("gbk.yaml", "model: 春".encode("gbk"), r"gbk.yaml is not UTF-8 text, so no YAML config.$"),
     ],
 )
