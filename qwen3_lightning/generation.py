@@ -106,6 +106,8 @@ def decode_loop(
     compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, (B,), up to ``max_new_tokens`` times or until all rows met eos."""
+    from qwen3_lightning.model import check_token_ids
+
     max_new_tokens = check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -125,6 +127,7 @@ def decode_loop(
             "TextDataModule.collate_prompts pads them so."
         )
     check_room(input_ids.shape[1], max_new_tokens, model.config.max_position_embeddings)
+    check_token_ids(input_ids, model.config.vocab_size, "the prompts (input_ids)")
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
     if max_new_tokens == 0:

@@ -352,6 +352,32 @@ class Qwen3Transformer(nn.Module):
         return load_pretrained(cls, Path(path), dtype)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str, ignore_index: int | None = None) -> None:
+    """Refuses token ids outside the vocabulary (0 to ``vocab_size - 1``; ``ignore_index`` is also taken), naming
+    the id and the fix, where the embedding or the loss would stop with an IndexError from inside torch (on CUDA
+    a device-side assert, which leaves the GPU unusable to the process). One reduction, one sync: for first
+    batches and prompts, not every step."""
+    if ids.numel() == 0:
+        return
+    if ignore_index is not None:
+        ids = ids.masked_fill(ids == ignore_index, 0)
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low >= 0 and high < vocab_size:
+        return
+    skip = f"; {ignore_index} marks a position the loss skips" if ignore_index is not None else ""
+    fix = (
+        f"they come from a tokenizer with more tokens than the model has: build the model with vocab_size {high + 1} "
+        "or more (model.vocab_size; the CLI takes it from the data), or tokenize with the model's own tokenizer"
+        if low >= 0
+        else "negative ids are no tokens: pad input_ids with a real token (TextDataModule pads with <pad>, id 0) "
+        "and mark the padding in attention_mask, and labels with -100"
+    )
+    raise ValueError(
+        f"{what} hold the token id {low if low < 0 else high}, outside the model's vocabulary of {vocab_size} "
+        f"(ids 0 to {vocab_size - 1}{skip}): {fix}."
+    )
+
+
 def flops_per_token(config: Qwen3Config, seq_len: int) -> float:
     """Training FLOPs per token (forward and backward): 6 per weight of a matmul (2 forward, 4 backward) plus
     12 * layers * heads * head_dim * seq_len for the attention scores and their use, counted as if unmasked

@@ -20,7 +20,7 @@ from torchmetrics.aggregation import MeanMetric
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX, vocabulary_mismatch
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs, check_room
-from qwen3_lightning.model import Qwen3Transformer, flops_per_token
+from qwen3_lightning.model import Qwen3Transformer, check_token_ids, flops_per_token
 from qwen3_lightning.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -640,7 +640,23 @@ class Qwen3LightningModule(L.LightningModule):
 
         handlers[handlers.index(connector._sigterm_notifier_fn)] = note
 
+    def _check_first_batch_ids(self, batch: Any, batch_idx: int) -> None:
+        """The token ids of each epoch's first batch against the vocabulary (``check_token_ids``): with a
+        DataLoader of their own, ids from another tokenizer are said so, not by an IndexError from the embedding."""
+        if batch_idx == 0 and isinstance(batch, Mapping):
+            check_batch(batch)
+            vocab = self.config.vocab_size
+            check_token_ids(batch["input_ids"], vocab, "the batch's input_ids")
+            check_token_ids(batch["labels"], vocab, "the batch's labels", ignore_index=IGNORE_INDEX)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch_ids(batch, batch_idx)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_first_batch_ids(batch, batch_idx)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._check_first_batch_ids(batch, batch_idx)
         if self.global_step == 0 and batch_idx == 0 and isinstance(batch, Mapping):
             self._check_labels_are_shifted(batch)
         loop = self.trainer.fit_loop.epoch_loop

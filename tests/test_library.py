@@ -149,6 +149,44 @@ def test_a_batch_of_another_layout_gets_a_clear_error(batch, message):
     assert "labels[:, t] is the token after input_ids[:, t]" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("input_ids", 7, r"the batch's input_ids hold the token id 7, outside the model's vocabulary of 6 \(ids 0 "
+         r"to 5\): they come from a tokenizer with more tokens than the model has: build the model with vocab_size 8"),
+        ("labels", 9, r"the batch's labels hold the token id 9, outside .* \(ids 0 to 5; -100 marks a position the "
+         r"loss skips\): .* vocab_size 10 or more"),
+        ("input_ids", -100, r"input_ids hold the token id -100, .* negative ids are no tokens: pad input_ids with a "
+         r"real token"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stage", ["fit", "validate", "test"])
+def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_runs(key, value, message, stage):
+    # another tokenizer's ids in a loader of one's own: the embedding would raise an IndexError from inside torch
+    # (on CUDA a device-side assert), and cross_entropy "Target 9 is out of bounds"
+    module = Qwen3LightningModule(overrides=SHAPE, vocab_size=6, warmup_steps=0)
+    ids = torch.tensor([[2, 4, 5, 1]])
+    batch = {"input_ids": ids, "labels": torch.tensor([[4, 5, 1, IGNORE_INDEX]])}
+    batch[key] = batch[key].clone()
+    batch[key][0, 1] = value
+    loader = DataLoader([batch], batch_size=None)
+    trainer = quiet_trainer(max_steps=1)
+    before = None
+    with pytest.raises(ValueError, match=message):
+        if stage == "fit":
+            module.configure_model()
+            before = [p.detach().clone() for p in module.parameters()]
+            trainer.fit(module, loader)
+        else:
+            getattr(trainer, stage)(module, loader)
+    if before is not None:  # refused before the first optimizer step
+        assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    in_range = {"input_ids": ids, "labels": torch.tensor([[4, 5, 1, IGNORE_INDEX]])}
+    getattr(quiet_trainer(max_steps=1), stage)(module, DataLoader([in_range], batch_size=None))  # taken
+    with pytest.raises(ValueError, match=r"the prompts \(input_ids\) hold the token id 6, outside the model's vocab"):
+        module.model.generate(torch.tensor([[2, 6]]), 2)
+
+
 def test_unshifted_labels_are_flagged_at_the_first_step():
     data, module = data_and_module()
     batches = [collate([data.train_dataset[i] for i in range(3)])]
