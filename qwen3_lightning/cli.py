@@ -206,7 +206,7 @@ class Qwen3CLI(LightningCLI):
         before = model_shape(config.model)
         self.config = self.parser.parse_object({subcommand: {"model": shape}}, self.config)
         after = model_shape(self.config[subcommand].model)
-        if initial is not None and before is not None and after != before:
+        if initial is not None and before is not None and after is not None and after != before:
             names = [f.name for f in dataclasses.fields(after) if getattr(after, f.name) != getattr(before, f.name)]
             differ = [f"{n}={getattr(after, n)} (this command's: {getattr(before, n)})" for n in names]
             if source == initial:

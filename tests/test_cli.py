@@ -390,6 +390,20 @@ def test_fit_from_an_exported_directory_fine_tunes_its_weights(checkpoint, tmp_p
         main(cli_args("fit", other, tmp_path / "b", "--model.initial_checkpoint", str(exported)))
 
 
+def test_an_initial_checkpoint_whose_saved_shape_is_invalid_is_named_not_a_type_error(checkpoint, tmp_path):
+    # the checkpoint's preset and overrides (here a field no Qwen3Config has, as a hand-edited or foreign file may
+    # hold) give no shape: the module's construction names the field, rather than the shape-difference warning
+    # crashing with dataclasses.fields(None)'s TypeError
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["hyper_parameters"]["overrides"] = {**ckpt["hyper_parameters"]["overrides"], "num_layers": 1}
+    torch.save(ckpt, tmp_path / "odd.ckpt")
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(POEMS, encoding="utf-8")
+    args = cli_args("fit", corpus, tmp_path / "run", "--model.initial_checkpoint", str(tmp_path / "odd.ckpt"))
+    with pytest.raises(SystemExit, match=r"unknown Qwen3Config field\(s\) \['num_layers'\]"):
+        main([*args, "--trainer.max_steps", "1"])
+
+
 def test_a_module_refuses_an_initial_checkpoint_of_another_shape(checkpoint, tmp_path):
     from qwen3_lightning.module import Qwen3LightningModule
 
