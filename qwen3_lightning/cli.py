@@ -133,9 +133,12 @@ class Qwen3CLI(LightningCLI):
         check_devices(config.trainer)
         check_trainer_settings(config.trainer.gradient_clip_val, config.trainer.accumulate_grad_batches)
         initial = config.model.initial_checkpoint
-        config.ckpt_path = resolve_ckpt_path(self.subcommand, config.ckpt_path, config.checkpoint, initial, root)
-        check_ckpt_path(config.ckpt_path)
-        if initial is not None and config.ckpt_path is not None:
+        # without a subcommand (run=False) the parser has no --ckpt_path: the caller runs the Trainer itself
+        ckpt_path = resolve_ckpt_path(self.subcommand, config.get("ckpt_path"), config.checkpoint, initial, root)
+        if self.subcommand:
+            config.ckpt_path = ckpt_path
+        check_ckpt_path(ckpt_path)
+        if initial is not None and ckpt_path is not None:
             config.model.initial_checkpoint = None  # the weights come from ckpt_path: the file is not even read
         elif initial is not None:
             from qwen3_lightning.interop import read_initial_checkpoint
@@ -145,7 +148,7 @@ class Qwen3CLI(LightningCLI):
             except (FileNotFoundError, ValueError) as err:
                 raise type(err)(f"model.initial_checkpoint: {err}") from None
         if self.subcommand == "fit":
-            refuse_to_overwrite(config.ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
+            refuse_to_overwrite(ckpt_path, root, [config[key].dirpath for key in CHECKPOINT_KEYS])
         self._choose_vocabulary(config)
 
     def _choose_vocabulary(self, config: Any) -> None:
@@ -156,7 +159,8 @@ class Qwen3CLI(LightningCLI):
         would be refused. A plain fit builds its own, and a resume checks it against the checkpoint's. Without a
         ``--ckpt_path`` file: the vocabulary of ``model.initial_checkpoint``."""
         given = config.data.tokenizer_path
-        ckpt = config.ckpt_path if config.ckpt_path and Path(config.ckpt_path).is_file() else None
+        ckpt_path = config.get("ckpt_path")
+        ckpt = ckpt_path if ckpt_path and Path(ckpt_path).is_file() else None
         vocabulary, recorded = saved_vocabulary(ckpt) if ckpt else (False, None)
         if vocabulary and (self.subcommand != "fit" or recorded):
             config.data.tokenizer_path = str(ckpt)
@@ -434,7 +438,7 @@ def run_checkpoint(which: str, checkpoint: Any, root: str | None) -> Path:
 
 
 def resolve_ckpt_path(
-    subcommand: str,
+    subcommand: str | None,
     ckpt_path: str | None,
     checkpoint: Any,
     initial_checkpoint: str | None = None,

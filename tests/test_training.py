@@ -156,6 +156,16 @@ def test_custom_criterion_from_the_command_line(corpus, tmp_path):
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
 
 
+def test_the_cli_without_a_subcommand_builds_the_classes_for_the_caller_to_run(corpus, tmp_path):
+    # LightningCLI(run=False): no subcommand, so no --ckpt_path in the parsed config; the classes are built and
+    # the caller fits them itself (before_instantiate_classes read config.ckpt_path and raised AttributeError)
+    args = cli_args(corpus, tmp_path / "run", "--trainer.max_steps", "1")[1:]  # without "fit"
+    cli = Qwen3CLI(args=args, run=False)
+    assert cli.subcommand is None and cli.model.config.vocab_size == cli.datamodule.vocab_size
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 1
+
+
 def test_early_stopping_from_the_command_line(corpus, tmp_path):
     # the README's flags: Lightning's EarlyStopping joins the CLI's own callbacks; an improvement of 10 nats is
     # never met, so after the first validation the second one stops the run
