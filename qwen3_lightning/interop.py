@@ -359,9 +359,12 @@ def exported_tokenizer(path: str | Path) -> CharTokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json; a directory written by export has one.")
-    model = read_json_object(file).get("model") or {}
-    vocab = model.get("vocab")
-    tokens = sorted(vocab, key=vocab.get) if model.get("type") == "WordLevel" and isinstance(vocab, dict) else []
+    model = read_json_object(file).get("model")
+    model = model if isinstance(model, dict) else {}
+    vocab = model.get("vocab") if model.get("type") == "WordLevel" else None
+    if not isinstance(vocab, dict) or any(type(i) is not int for i in vocab.values()):
+        vocab = {}  # (its ids are sorted below: whole numbers only, bools aside)
+    tokens = sorted(vocab, key=vocab.__getitem__)
     if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS) or [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise ValueError(
             f"{file} is not a character vocabulary written by export (a {model.get('type')} tokenizer): this "

@@ -59,6 +59,24 @@ def test_exported_tokenizer_encodes_like_char_tokenizer(tmp_path):
     assert (hf_tok.pad_token_id, hf_tok.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"type": "WordLevel", "vocab": {"<pad>": None, "<unk>": 1}},
+        {"type": "WordLevel", "vocab": {"a": "0", "b": 1}},
+        "WordLevel",
+    ],
+)
+def test_exported_tokenizer_refuses_a_malformed_vocabulary_by_name(tmp_path, model):
+    # ids that are not whole numbers (null, a string among numbers) or a "model" that is not an object: the
+    # ValueError that names the file, not sorted()'s TypeError or an AttributeError
+    from qwen3_lightning.interop import exported_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not a character vocabulary written by export"):
+        exported_tokenizer(tmp_path)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_from_pretrained_reads_a_transformers_directory(tmp_path, tied):
     config = small_config(tie_word_embeddings=tied, attention_bias=True)
