@@ -8,7 +8,7 @@ import math
 import os
 import signal
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -167,7 +167,12 @@ class Qwen3LightningModule(L.LightningModule):
             Not among the saved hyperparameters (a module): ``load_from_checkpoint`` takes it again as an
             argument, and warns when the checkpoint was trained with another.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        compile: compile each decoder layer with ``torch.compile``.
+        compile: ``torch.compile`` in training, validation and test. ``True``: the steps' model and loss as one
+            graph, as ``trainer.fit(torch.compile(module))`` compiles them, the fastest on one device (in the
+            benchmark); under a sharded strategy (FSDP), each decoder
+            layer instead, as FSDP needs. ``"layers"``: each decoder layer alone, whatever the strategy: one
+            layer's graph is compiled once and reused by every layer, so the first step is quicker for deep
+            models.
         initial_checkpoint: a training checkpoint (.ckpt), or a directory written by ``export``, whose weights
             the model starts from, to fine-tune it on other text: a new run, with a fresh optimizer, schedule
             and step count. Its model must have this one's shape and vocabulary (the CLI takes both from it:
@@ -197,7 +202,7 @@ class Qwen3LightningModule(L.LightningModule):
         fused: bool | None = None,
         criterion: nn.Module | None = None,
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | Literal["layers"] = False,
         initial_checkpoint: str | None = None,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -219,6 +224,8 @@ class Qwen3LightningModule(L.LightningModule):
         for name, value in (("weight_decay", weight_decay), ("eps", eps)):
             if not value >= 0:  # NaN too
                 raise ValueError(f"model.{name}={value} must be >= 0 (AdamW's).")
+        if compile not in (False, True, "layers"):
+            raise ValueError(f"model.compile={compile!r} must be true, false or 'layers'.")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"model.betas={list(betas)} must be two numbers in [0, 1) (AdamW's), e.g. [0.9, 0.95].")
         # generate_kwargs stays out of the checkpoint: LightningCLI would let saved values override the flags
@@ -252,9 +259,12 @@ class Qwen3LightningModule(L.LightningModule):
         if self.hparams.initial_checkpoint:  # a resumed checkpoint's weights then replace these
             self._load_initial_weights(self.hparams.initial_checkpoint)
         self.model.gradient_checkpointing = self.hparams.gradient_checkpointing
-        if self.hparams.compile:
+        if self.hparams.compile == "layers" or (self.hparams.compile and self._is_sharded()):
             for layer in self.model.model.layers:
                 layer.compile()
+        elif self.hparams.compile:  # what trainer.fit(torch.compile(module)) compiles: the steps, whose logging
+            for step in ("training_step", "validation_step", "test_step"):  # (torch.compiler.disable) runs eagerly
+                setattr(self, step, torch.compile(getattr(self, step)))
 
     def _load_initial_weights(self, path: str) -> None:
         from qwen3_lightning.interop import model_weights, read_initial_checkpoint
@@ -445,7 +455,7 @@ class Qwen3LightningModule(L.LightningModule):
         self._account(loss, n_tokens, batch_idx)
         return loss
 
-    @torch.compiler.disable  # bookkeeping: under torch.compile(module) only the loss above is compiled
+    @torch.compiler.disable  # bookkeeping: under torch.compile(module) or compile=True, only the loss is compiled
     def _account(self, loss: torch.Tensor, n_tokens: torch.Tensor, batch_idx: int) -> None:
         # one reduction gives the tokens of all ranks and tells every rank if any loss broke or any process got
         # SIGTERM, so that all stop together (a rank stopping alone would leave the others waiting for it forever)

@@ -53,6 +53,7 @@ CASES = {
     "hf_fp32": "transformers Qwen3ForCausalLM, plain loop, float32",
     "ours_compiled": "ours, plain loop, torch.compile",
     "lightning_compiled": "ours, Lightning Trainer, torch.compile",
+    "lightning_module_compiled": "ours, Lightning Trainer, torch.compile(module)",
 }
 PAIRED = "paired"
 """The hidden case of ours and transformers stepping in turn in one process (``run_paired``)."""
@@ -103,7 +104,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="training autocast and decoding weights (default: bf16-mixed on a GPU, 32-true on the CPU); "
         "bf16-mixed on a CPU adds a transformers float32 row, the baseline a CPU user would otherwise run",
     )
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows (ours, plain loop and Trainer)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch.compile rows (ours: plain loop, Trainer, Trainer with torch.compile(module))",
+    )
     p.add_argument(
         "--cases",
         default=None,
@@ -347,7 +352,7 @@ def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
 
 def plain_steps(
     model: nn.Module,
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     batches: list[dict[str, torch.Tensor]],
     args: argparse.Namespace,
     device: torch.device,
@@ -362,7 +367,7 @@ def plain_steps(
         sync(device)
         start = time.perf_counter()
         with autocast(device, precision):
-            loss = F.cross_entropy(forward(batch).flatten(0, 1), batch["labels"].flatten())
+            loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -371,17 +376,20 @@ def plain_steps(
 
 
 def plain_model(name: str, config: Qwen3Config, ours: Qwen3Transformer) -> tuple[nn.Module, Callable]:
-    """The model of a plain-loop case, and its forward from a batch to logits: ``ours`` itself, or transformers'
-    model with its weights."""
-    if name.startswith("hf"):
-        hf = build_hf(config, ours)
-        return hf, lambda b: hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    """The model of a plain-loop case, and its loss of a batch (cross-entropy of the logits): ``ours`` itself,
+    or transformers' model with its weights. Compiled, the model and the loss are one graph, as
+    ``Qwen3LightningModule(compile=True)`` compiles them."""
+    hf = build_hf(config, ours) if name.startswith("hf") else None
     ours.gradient_checkpointing = name == "ours_ckpt"
-    if name.endswith("compiled"):
-        for layer in ours.model.layers:
-            layer.compile()
-    # no mask: the batches have no padding, and TextDataModule drops an all-ones mask before the module sees it
-    return ours, lambda b: ours(b["input_ids"])
+
+    def loss_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        if hf is not None:
+            logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        else:  # no mask: the batches have no padding, and TextDataModule drops an all-ones mask
+            logits = ours(b["input_ids"])
+        return F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
+
+    return (hf if hf is not None else ours), torch.compile(loss_of) if name.endswith("compiled") else loss_of
 
 
 def run_paired(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,11 +440,15 @@ class StepTimer(L.Callback):
 
 
 def time_trainer(
-    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, warmup: int, compile: bool
+    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, warmup: int, compile: str
 ) -> list[float]:
+    """``compile``: "" (eager), "option" (the module's ``compile=True``) or "module" (``torch.compile(module)``,
+    as Lightning's docs show it)."""
     from qwen3_lightning.module import Qwen3LightningModule
 
-    module = Qwen3LightningModule(preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile)
+    module = Qwen3LightningModule(
+        preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile == "option"
+    )
     timer = StepTimer(device)
     total = warmup + args.steps
     trainer = L.Trainer(
@@ -453,7 +465,7 @@ def time_trainer(
     )
     # the batches as TextDataModule hands them to the module: without their all-ones mask (causal attention then)
     loader = DataLoader(FixedBatches([without_needless_mask(b) for b in batches], total), batch_size=None)
-    trainer.fit(module, loader)
+    trainer.fit(torch.compile(module) if compile == "module" else module, loader)
     return [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)][-args.steps :]
 
 
@@ -471,10 +483,11 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     compiled = name.endswith("compiled")
     warmup = max(args.warmup, COMPILE_WARMUP) if compiled else args.warmup
     if name.startswith("lightning"):
-        times = time_trainer(batches, args, device, warmup, compile=compiled)
+        mode = "module" if name == "lightning_module_compiled" else "option" if compiled else ""
+        times = time_trainer(batches, args, device, warmup, compile=mode)
     else:
-        model, forward = plain_model(name, config, Qwen3Transformer(config))
-        steps = plain_steps(model, forward, batches, args, device, case_precision(name, args))
+        model, loss_of = plain_model(name, config, Qwen3Transformer(config))
+        steps = plain_steps(model, loss_of, batches, args, device, case_precision(name, args))
         times = list(itertools.islice(steps, warmup, warmup + args.steps))
     return {
         "step_s": times,
@@ -537,7 +550,7 @@ def train_cases(args: argparse.Namespace, device: torch.device) -> list[str]:
     if args.precision != "32-true" and device.type == "cpu":
         names.append("hf_fp32")
     if args.compile:
-        names += ["ours_compiled", "lightning_compiled"]
+        names += ["ours_compiled", "lightning_compiled", "lightning_module_compiled"]
     return [n for n in names if args.cases is None or n in args.cases or n == "ours"]
 
 
@@ -855,6 +868,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.compile:
             ratios["train: compiled / eager, plain loop (tokens/s)"] = ratio(tps("ours_compiled"), tps("ours"))
             ratios["train: compiled / eager, Trainer (tokens/s)"] = ratio(tps("lightning_compiled"), tps("lightning"))
+            ratios["train: torch.compile(module) / eager, Trainer (tokens/s)"] = ratio(
+                tps("lightning_module_compiled"), tps("lightning")
+            )
     if "decode" in args.sections:
         decode, table = decode_section(args, device)
         report["decode"] = decode

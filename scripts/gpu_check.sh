@@ -67,7 +67,7 @@ fi
 if [[ $PART != train ]]; then
     for preset in "${presets[@]}"; do
         step "bench_$preset" 180 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
-            --case-timeout 60 --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$preset.json"
+            --case-timeout 100 --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$preset.json"
     done
 fi
 finish() {

@@ -297,22 +297,33 @@ def test_a_loader_without_length_needs_max_steps_for_the_schedule():
     assert trainer.global_step == 8 and module._schedule == (2, 8, 1e-5 / module.hparams.learning_rate)
 
 
-def test_a_module_wrapped_in_torch_compile_trains_and_validates_as_the_eager_one():
-    """``trainer.fit(torch.compile(module))``, as Lightning's docs show it: the loss is compiled, the logging
-    around it is not (Dynamo failed inside ``self.log``), and the weights follow the eager run's."""
+def fit_two_steps(wrap: Any = None, **module_kwargs: Any) -> tuple[Qwen3LightningModule, dict[str, Any]]:
+    torch.manual_seed(0)
+    data = TextDataModule(texts=DOCS, val_split=0.3, max_length=32, batch_size=3)
+    module = Qwen3LightningModule(overrides=SHAPE, vocab_size=data.vocab_size, warmup_steps=0, **module_kwargs)
+    trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=0, val_check_interval=2, limit_val_batches=1)
+    trainer.fit(wrap(module) if wrap else module, data)
+    return module, trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("how", "wrap", "compile"),
+    [
+        ("torch.compile(module)", torch.compile, False),
+        ("compile=True", None, True),
+        ("compile='layers'", None, "layers"),
+    ],
+)
+def test_compiled_training_and_validation_follow_the_eager_run(how, wrap, compile):
+    """``trainer.fit(torch.compile(module))``, as Lightning's docs show it (the loss is compiled, the logging
+    around it is not: Dynamo failed inside ``self.log``), and the module's own ``compile`` option: the weights
+    and the losses follow the eager run's."""
+    eager, eager_metrics = fit_two_steps()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    trained = []
-    for wrap in (lambda m: m, torch.compile):
-        torch.manual_seed(0)
-        data = TextDataModule(texts=DOCS, val_split=0.3, max_length=32, batch_size=3)
-        module = Qwen3LightningModule(overrides=SHAPE, vocab_size=data.vocab_size, warmup_steps=0)
-        trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=0, limit_val_batches=1)
-        trainer.fit(wrap(module), data)
-        trained.append((module, trainer.callback_metrics))
-    (eager, eager_metrics), (compiled, compiled_metrics) = trained
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
+    compiled, compiled_metrics = fit_two_steps(wrap, compile=compile)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, how  # something was compiled
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
     for key in ("train_loss", "val_loss"):
-        torch.testing.assert_close(compiled_metrics[key], eager_metrics[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled_metrics[key], eager_metrics[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -443,13 +443,29 @@ def test_fused_adamw_by_default_except_under_float16(precision, fused, monkeypat
     assert bool(model.configure_optimizers()["optimizer"].param_groups[0]["fused"]) is fused
 
 
-@pytest.mark.parametrize("on", [False, True])
-def test_gradient_checkpointing_and_compile_options_reach_the_model(on):
-    model = Qwen3LightningModule(vocab_size=50, gradient_checkpointing=on, compile=on)
+@pytest.mark.parametrize(("compile", "strategy"), [(False, "auto"), (True, "auto"), ("layers", "auto"), (True, "fsdp")])
+def test_gradient_checkpointing_and_compile_options_reach_the_model(compile, strategy):
+    model = Qwen3LightningModule(vocab_size=50, gradient_checkpointing=bool(compile), compile=compile)
+    if strategy == "fsdp":  # FSDP itself needs several processes; configure_model reads the strategy's name
+
+        class FSDPStrategy:
+            root_device = torch.device("cpu")
+
+        model._trainer = SimpleNamespace(strategy=FSDPStrategy())
     model.configure_model()
-    assert model.model.gradient_checkpointing is on
+    assert model.model.gradient_checkpointing is bool(compile)
+    per_layer = compile == "layers" or (compile and strategy == "fsdp")
     # nn.Module.compile() leaves each layer's module as it is and routes its calls through torch.compile
-    assert [layer._compiled_call_impl is not None for layer in model.model.model.layers] == [on] * 6
+    assert [layer._compiled_call_impl is not None for layer in model.model.model.layers] == [per_layer] * 6
+    whole = [
+        hasattr(getattr(model, f"{s}_step"), "_torchdynamo_orig_callable") for s in ("training", "validation", "test")
+    ]
+    assert whole == [compile is True and strategy == "auto"] * 3  # torch.compile's wrapper of a function
+
+
+def test_an_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match=r"model.compile='max-autotune' must be true, false or 'layers'"):
+        Qwen3LightningModule(vocab_size=50, compile="max-autotune")
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
