@@ -169,10 +169,9 @@ class Qwen3LightningModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         compile: ``torch.compile`` in training, validation and test. ``True``: the steps' model and loss as one
             graph, as ``trainer.fit(torch.compile(module))`` compiles them, the fastest on one device (in the
-            benchmark); under a sharded strategy (FSDP), each decoder
-            layer instead, as FSDP needs. ``"layers"``: each decoder layer alone, whatever the strategy: one
-            layer's graph is compiled once and reused by every layer, so the first step is quicker for deep
-            models.
+            benchmark), but compiled again for each new kind of batch shape; under a sharded strategy (FSDP),
+            each decoder layer instead, as FSDP needs. ``"layers"``: each decoder layer alone, whatever the
+            strategy: one layer's graph, reused by every layer, so the first steps come sooner.
         initial_checkpoint: a training checkpoint (.ckpt), or a directory written by ``export``, whose weights
             the model starts from, to fine-tune it on other text: a new run, with a fresh optimizer, schedule
             and step count. Its model must have this one's shape and vocabulary (the CLI takes both from it:
