@@ -306,6 +306,11 @@ def fit_two_steps(wrap: Any = None, **module_kwargs: Any) -> tuple[Qwen3Lightnin
     return module, trainer.callback_metrics
 
 
+@pytest.fixture(scope="module")
+def eager_two_steps() -> tuple[Qwen3LightningModule, dict[str, Any]]:
+    return fit_two_steps()
+
+
 @pytest.mark.parametrize(
     ("how", "wrap", "compile"),
     [
@@ -314,11 +319,11 @@ def fit_two_steps(wrap: Any = None, **module_kwargs: Any) -> tuple[Qwen3Lightnin
         ("compile='layers'", None, "layers"),
     ],
 )
-def test_compiled_training_and_validation_follow_the_eager_run(how, wrap, compile):
+def test_compiled_training_and_validation_follow_the_eager_run(how, wrap, compile, eager_two_steps):
     """``trainer.fit(torch.compile(module))``, as Lightning's docs show it (the loss is compiled, the logging
     around it is not: Dynamo failed inside ``self.log``), and the module's own ``compile`` option: the weights
     and the losses follow the eager run's."""
-    eager, eager_metrics = fit_two_steps()
+    eager, eager_metrics = eager_two_steps  # one eager run for the three
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled, compiled_metrics = fit_two_steps(wrap, compile=compile)
