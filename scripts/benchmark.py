@@ -1,9 +1,9 @@
 """Benchmarks of qwen3_lightning: training throughput, MFU and memory; decoding speed; data efficiency.
 
 Each training case runs in a fresh process of this script (the hidden ``--case`` flag), so the peak memory
-reported for it is its own; on a CPU, one more process steps ours and transformers' model in turn, for a speed
-ratio that a shared machine's slow spells do not tilt. Tables go to stdout as Markdown, progress to stderr, every
-number to ``--json``.
+reported for it is its own; on a CPU, two more processes step ours and transformers' model in turn, and the
+Trainer and the plain loop in turn, for speed ratios that a shared machine's slow spells do not tilt. Tables go
+to stdout as Markdown, progress to stderr, every number to ``--json``.
 
     python scripts/benchmark.py                       # small preset, all sections
     python scripts/benchmark.py --quick               # smoke run: tiny preset, a few steps
@@ -57,6 +57,8 @@ CASES = {
 }
 PAIRED = "paired"
 """The hidden case of ours and transformers stepping in turn in one process (``run_paired``)."""
+PAIRED_TRAINER = "paired_trainer"
+"""The hidden case of the Trainer and the plain loop stepping in turn in one process (``run_paired_trainer``)."""
 
 
 def positive_int(text: str) -> int:
@@ -134,7 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--case-timeout", type=float, default=1800, help="seconds before a training case's process is stopped"
     )
     p.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all the numbers")
-    p.add_argument("--case", choices=[*CASES, PAIRED], help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=[*CASES, PAIRED, PAIRED_TRAINER], help=argparse.SUPPRESS)
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -426,33 +428,48 @@ class FixedBatches(Dataset):
 
 class StepTimer(L.Callback):
     """Wall time between consecutive ends of training batches: the whole step as the Trainer runs it, with
-    batch fetching, device transfer, logging and hooks."""
+    batch fetching, device transfer, logging and hooks. With ``between``, that function runs after each
+    batch's end (from the second on), outside the timed span: its own return values are kept in ``between_s``."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.ends: list[float] = []
+    def __init__(self, device: torch.device, between: Callable[[], float] | None = None) -> None:
+        self.device, self.between = device, between
+        self.step_s: list[float] = []
+        self.between_s: list[float] = []
+        self._since: float | None = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         sync(self.device)
-        self.ends.append(time.perf_counter())
+        now = time.perf_counter()
+        if self._since is not None:
+            self.step_s.append(now - self._since)
+            if self.between is not None:
+                self.between_s.append(self.between())
+                sync(self.device)
+                now = time.perf_counter()
+        self._since = now
 
 
 def time_trainer(
-    batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, device: torch.device, warmup: int, compile: str
-) -> list[float]:
-    """``compile``: "" (eager), "option" (the module's ``compile=True``) or "module" (``torch.compile(module)``,
-    as Lightning's docs show it)."""
+    batches: list[dict[str, torch.Tensor]],
+    args: argparse.Namespace,
+    device: torch.device,
+    steps: int,
+    compile: str,
+    between: Callable[[], float] | None = None,
+) -> StepTimer:
+    """The timer of ``steps`` Trainer steps, which has the step times from the second on.
+    ``compile``: "" (eager), "option" (the module's ``compile=True``) or "module" (``torch.compile(module)``,
+    as Lightning's docs show it); ``between``: see ``StepTimer``."""
     from qwen3_lightning.module import Qwen3LightningModule
 
     module = Qwen3LightningModule(
         preset=args.preset, vocab_size=args.vocab_size, fused=args.fused, compile=compile == "option"
     )
-    timer = StepTimer(device)
-    total = warmup + args.steps
+    timer = StepTimer(device, between)
     trainer = L.Trainer(
-        max_steps=total,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -464,9 +481,27 @@ def time_trainer(
         num_sanity_val_steps=0,
     )
     # the batches as TextDataModule hands them to the module: without their all-ones mask (causal attention then)
-    loader = DataLoader(FixedBatches([without_needless_mask(b) for b in batches], total), batch_size=None)
+    loader = DataLoader(FixedBatches([without_needless_mask(b) for b in batches], steps), batch_size=None)
     trainer.fit(torch.compile(module) if compile == "module" else module, loader)
-    return [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)][-args.steps :]
+    return timer
+
+
+def run_paired_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    """The eager Trainer and the eager plain loop in this one process, a step of each in turn: after each
+    Trainer step (timed from the end of the plain step before it to its own end, so with everything the
+    Trainer does between batches), one plain-loop step of a second model. Each plain step sits between two
+    Trainer steps and each Trainer step between two plain ones, so neither kind always goes first."""
+    device, config = pick_device(), model_config(args)
+    batches = random_batches(config, args)
+    torch.manual_seed(args.seed)
+    model, loss_of = plain_model("ours", config, Qwen3Transformer(config))
+    plain = plain_steps(model, loss_of, batches, args, device, args.precision)
+    for _ in range(args.warmup):
+        next(plain)
+    timed = args.steps * args.repeats
+    timer = time_trainer(batches, args, device, args.warmup + timed, compile="", between=lambda: next(plain))
+    pairs = list(zip(timer.step_s, timer.between_s, strict=True))[-timed:]
+    return {"step_s_pairs": [[lightning, ours] for lightning, ours in pairs]}
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -484,7 +519,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     warmup = max(args.warmup, COMPILE_WARMUP) if compiled else args.warmup
     if name.startswith("lightning"):
         mode = "module" if name == "lightning_module_compiled" else "option" if compiled else ""
-        times = time_trainer(batches, args, device, warmup, compile=mode)
+        times = time_trainer(batches, args, device, warmup + args.steps, compile=mode).step_s[-args.steps :]
     else:
         model, loss_of = plain_model(name, config, Qwen3Transformer(config))
         steps = plain_steps(model, loss_of, batches, args, device, case_precision(name, args))
@@ -583,6 +618,13 @@ def train_section(
         paired = spawn_case(PAIRED, argv, args.case_timeout)
         if "step_s_pairs" in paired:
             paired["ours_over_hf"] = statistics.median(hf / ours for ours, hf in paired["step_s_pairs"])
+    paired_trainer = None
+    if "lightning" in names and device.type == "cpu":
+        print(f"[train] the Trainer and the plain loop, a step each in turn ({PAIRED_TRAINER}) ...", file=sys.stderr)
+        paired_trainer = spawn_case(PAIRED_TRAINER, argv, args.case_timeout)
+        if "step_s_pairs" in paired_trainer:
+            pairs = paired_trainer["step_s_pairs"]
+            paired_trainer["lightning_over_ours"] = statistics.median(ours / lightning for lightning, ours in pairs)
     for name, results in runs.items():
         precision = case_precision(name, args)
         samples = [r["peak_flops"] for r in results if r.get("peak_flops")]
@@ -631,6 +673,8 @@ def train_section(
     result = {"num_parameters": n_params, "flops_per_token": flops, "tokens_per_step": tokens, "cases": cases}
     if paired is not None:
         result["paired"] = paired
+    if paired_trainer is not None:
+        result["paired_trainer"] = paired_trainer
     return result, table, peaks
 
 
@@ -803,7 +847,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
-        result = run_paired(args) if args.case == PAIRED else run_case(args.case, args)
+        paired = {PAIRED: run_paired, PAIRED_TRAINER: run_paired_trainer}.get(args.case)
+        result = paired(args) if paired else run_case(args.case, args)
         args.case_out.write_text(json.dumps(result))
         return
     device = pick_device()
@@ -864,6 +909,9 @@ def main(argv: list[str] | None = None) -> None:
                 tps("ours"), tps("hf_fp32")
             )
         ratios["train: Lightning Trainer / plain loop (tokens/s)"] = ratio(tps("lightning"), tps("ours"))
+        if "paired_trainer" in train:
+            key = "train: Lightning Trainer / plain loop, a step each in turn in one process (median of the pairs)"
+            ratios[key] = train["paired_trainer"].get("lightning_over_ours")
         ratios["train: gradient checkpointing / plain loop (tokens/s)"] = ratio(tps("ours_ckpt"), tps("ours"))
         if args.compile:
             ratios["train: compiled / eager, plain loop (tokens/s)"] = ratio(tps("ours_compiled"), tps("ours"))

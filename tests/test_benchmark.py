@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import POEMS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -51,6 +52,15 @@ def test_quick_benchmark_runs_the_training_cases_asked_for_and_the_data_section(
     assert len(pairs) == 2 and all(ours > 0 and hf > 0 for ours, hf in pairs)
     median = sorted(hf / ours for ours, hf in pairs)
     assert report["train"]["paired"]["ours_over_hf"] == pytest.approx((median[0] + median[1]) / 2)
+    # and the Trainer and the plain loop, a step each in turn in one process
+    pairs = report["train"]["paired_trainer"]["step_s_pairs"]
+    assert len(pairs) == 2 and all(lightning > 0 and ours > 0 for lightning, ours in pairs)
+    median = sorted(ours / lightning for lightning, ours in pairs)
+    assert report["train"]["paired_trainer"]["lightning_over_ours"] == pytest.approx((median[0] + median[1]) / 2)
+    assert (
+        "train: Lightning Trainer / plain loop, a step each in turn in one process (median of the pairs)"
+        in (report["ratios"])
+    )
 
     modes = report["data"]["modes"]
     real = [modes[m]["real_fraction"] for m in ("padded to longest", "bucket_by_length", "packing")]
@@ -92,3 +102,23 @@ def test_benchmark_imports_and_measures_without_unix_only_modules(monkeypatch):
     spec.loader.exec_module(benchmark)
     assert benchmark.max_rss_mb() != benchmark.max_rss_mb()  # NaN: not measured
     assert benchmark.load_average() is None
+
+
+def test_the_paired_step_timer_leaves_the_plain_step_out_of_the_trainer_steps(monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+
+    def plain_step() -> float:  # the plain loop's step: 5 s on the clock, of which it reports 4
+        clock[0] += 5.0
+        return 4.0
+
+    timer = benchmark.StepTimer(torch.device("cpu"), between=plain_step)
+    for trainer_step in (1.0, 2.0, 3.0):  # the Trainer's work up to each batch's end
+        clock[0] += trainer_step
+        timer.on_train_batch_end(None, None, None, None, 0)
+    # the first batch's end only starts the clock; the plain step after each later end is not a Trainer step's
+    assert timer.step_s == [2.0, 3.0]
+    assert timer.between_s == [4.0, 4.0]
