@@ -550,13 +550,14 @@ def generate(
             of seconds and, on a CPU, two to three times faster tokens again.
     """
     from qwen3_lightning.generation import check_decoding_args, stream_text, unknown_characters
-    from qwen3_lightning.interop import load_checkpoint, read_checkpoint
+    from qwen3_lightning.interop import model_and_tokenizer, read_checkpoint
 
     check_decoding_args(temperature, top_k, top_p, max_new_tokens, compile)
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     device = resolve_device(device)
-    model, tokenizer = load_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # the weights are copied into the model, once
+    model, tokenizer = model_and_tokenizer(checkpoint, ckpt_path)
     model.to(device).eval()
     generator = torch.Generator(device=device)
     if seed is not None:
@@ -566,7 +567,7 @@ def generate(
     message = unknown_characters(tokenizer, prompt)
     if message:  # once, on its own line, before the text (the library's warning would land inside it)
         print(f"warning: {message}", file=sys.stderr)
-    trained = read_checkpoint(ckpt_path, mmap=True).get("datamodule_hyper_parameters", {}).get("max_length")
+    trained = checkpoint.get("datamodule_hyper_parameters", {}).get("max_length")
     last_input = len(tokenizer.encode(prompt)) + max_new_tokens - 1  # <bos> is at 0; the last new token is not fed
     fits = last_input + 2 <= model.config.max_position_embeddings  # (else generation refuses, saying so)
     if trained and last_input >= trained and fits:

@@ -419,10 +419,14 @@ def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Qwen3Transformer, CharTokenizer]:
     """The model and tokenizer of a training checkpoint (``.ckpt``), read without running pickled code."""
+    return model_and_tokenizer(read_checkpoint(path, map_location), path)
+
+
+def model_and_tokenizer(ckpt: dict, path: str | Path) -> tuple[Qwen3Transformer, CharTokenizer]:
+    """``load_checkpoint`` of a checkpoint already read (by ``read_checkpoint``) from ``path``."""
     from qwen3_lightning.model import Qwen3Transformer
     from qwen3_lightning.tokenizer import CharTokenizer
 
-    ckpt = read_checkpoint(path, map_location)
     hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     config = Qwen3Config.for_vocabulary(hparams["preset"], hparams.get("overrides"), hparams["vocab_size"])
     model = Qwen3Transformer(config)

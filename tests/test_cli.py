@@ -108,6 +108,16 @@ def test_generate_in_process_matches_greedy_model(checkpoint, capsys):
     assert "床前" + texts[0] in capsys.readouterr().out
 
 
+def test_generate_reads_the_checkpoint_file_once(checkpoint, monkeypatch):
+    from qwen3_lightning.cli import generate
+
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    generate(str(checkpoint), prompt="床前", max_new_tokens=2, temperature=0, device="cpu")
+    assert reads == [str(checkpoint)]
+
+
 def test_generate_says_when_it_writes_past_the_trained_length(checkpoint, capsys):
     from qwen3_lightning.cli import generate
 
