@@ -32,6 +32,7 @@ from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.module import Qwen3LightningModule, check_trainer_settings
 
 DEFAULT_ROOT = "runs"
+MatmulPrecision = Literal["highest", "high", "medium"]
 """The run folder (``trainer.default_root_dir``) when none is given: logs and checkpoints go under it."""
 
 
@@ -121,10 +122,21 @@ class Qwen3CLI(LightningCLI):
         parser.add_lightning_class_args(ResumeCheckpoint, "resume_checkpoint")
         parser.add_lightning_class_args(TextSampler, "sampler")
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
+        parser.add_argument(
+            "--float32_matmul_precision",
+            type=MatmulPrecision | None,
+            default=None,
+            help="torch.set_float32_matmul_precision, set before the Trainer is built: highest computes float32 "
+            "matmuls in float32; high lets GPUs use TensorFloat-32 (what Lightning suggests on tensor-core GPUs); "
+            "medium also lets CPUs (oneDNN) use bfloat16 inside them. Only float32 matmuls: under bf16-mixed "
+            "they are bfloat16 already. Default: torch's own setting, left as it is (highest, unless changed).",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_paths(config)
+        if config.float32_matmul_precision is not None:
+            torch.set_float32_matmul_precision(config.float32_matmul_precision)
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         # a fixed folder, not one per logger version, so that `--ckpt_path last` finds the previous run's last.ckpt
         for key in CHECKPOINT_KEYS:

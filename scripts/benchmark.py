@@ -59,6 +59,9 @@ PAIRED = "paired"
 """The hidden case of ours and transformers stepping in turn in one process (``run_paired``)."""
 PAIRED_TRAINER = "paired_trainer"
 """The hidden case of the Trainer and the plain loop stepping in turn in one process (``run_paired_trainer``)."""
+PAIRED_MATMUL = "paired_matmul_precision"
+"""The hidden case of ours' plain loop stepping under two float32 matmul precisions in turn (``run_paired_matmul``)."""
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def positive_int(text: str) -> int:
@@ -119,6 +122,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
     p.add_argument(
+        "--float32-matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="highest",
+        help="torch.set_float32_matmul_precision in every case, transformers' too, and for the MFU peak's matmul; "
+        "other than highest, ours' plain loop also steps under highest and under this in turn in one process",
+    )
+    p.add_argument(
         "--new-tokens", type=positive_int, default=None, help="greedy tokens per decode (default 200; --quick: 16)"
     )
     p.add_argument("--prompt-len", type=positive_int, default=16)
@@ -136,7 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--case-timeout", type=float, default=1800, help="seconds before a training case's process is stopped"
     )
     p.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all the numbers")
-    p.add_argument("--case", choices=[*CASES, PAIRED, PAIRED_TRAINER], help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=[*CASES, PAIRED, PAIRED_TRAINER, PAIRED_MATMUL], help=argparse.SUPPRESS)
     p.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -504,6 +514,31 @@ def run_paired_trainer(args: argparse.Namespace) -> dict[str, Any]:
     return {"step_s_pairs": [[lightning, ours] for lightning, ours in pairs]}
 
 
+def run_paired_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours' eager plain loop in this one process, its steps alternating between the float32 matmul precisions
+    highest and ``--float32-matmul-precision`` (which goes first alternates): the speed-up of one setting over
+    the other on the same weights, and a slow spell of the machine slows both alike."""
+    device, config = pick_device(), model_config(args)
+    torch.manual_seed(args.seed)
+    model, loss_of = plain_model("ours", config, Qwen3Transformer(config))
+    steps = plain_steps(model, loss_of, random_batches(config, args), args, device, args.precision)
+
+    def step(precision: str) -> float:
+        torch.set_float32_matmul_precision(precision)
+        return next(steps)
+
+    chosen = args.float32_matmul_precision
+    for _ in range(args.warmup):
+        step("highest")
+        step(chosen)
+    pairs = []
+    for i in range(args.steps * args.repeats):
+        order = ("highest", chosen) if i % 2 == 0 else (chosen, "highest")
+        times = {precision: step(precision) for precision in order}
+        pairs.append([times["highest"], times[chosen]])
+    return {"step_s_pairs": pairs}
+
+
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One training case in this (fresh) process: step times and peak memory."""
     import transformers  # noqa: F401  every case imports the same libraries, so their baseline memory is equal
@@ -618,6 +653,13 @@ def train_section(
         paired = spawn_case(PAIRED, argv, args.case_timeout)
         if "step_s_pairs" in paired:
             paired["ours_over_hf"] = statistics.median(hf / ours for ours, hf in paired["step_s_pairs"])
+    paired_matmul = None
+    if args.float32_matmul_precision != "highest":
+        chosen = args.float32_matmul_precision
+        print(f"[train] float32 matmul precision highest and {chosen}, a step each in turn ...", file=sys.stderr)
+        paired_matmul = spawn_case(PAIRED_MATMUL, argv, args.case_timeout)
+        if "step_s_pairs" in paired_matmul:
+            paired_matmul["speedup"] = statistics.median(high / other for high, other in paired_matmul["step_s_pairs"])
     paired_trainer = None
     if "lightning" in names and device.type == "cpu":
         print(f"[train] the Trainer and the plain loop, a step each in turn ({PAIRED_TRAINER}) ...", file=sys.stderr)
@@ -675,6 +717,8 @@ def train_section(
         result["paired"] = paired
     if paired_trainer is not None:
         result["paired_trainer"] = paired_trainer
+    if paired_matmul is not None:
+        result["paired_matmul_precision"] = paired_matmul
     return result, table, peaks
 
 
@@ -846,8 +890,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.case:
-        paired = {PAIRED: run_paired, PAIRED_TRAINER: run_paired_trainer}.get(args.case)
+        paired = {PAIRED: run_paired, PAIRED_TRAINER: run_paired_trainer, PAIRED_MATMUL: run_paired_matmul}.get(
+            args.case
+        )
         result = paired(args) if paired else run_case(args.case, args)
         args.case_out.write_text(json.dumps(result))
         return
@@ -913,6 +960,12 @@ def main(argv: list[str] | None = None) -> None:
             key = "train: Lightning Trainer / plain loop, a step each in turn in one process (median of the pairs)"
             ratios[key] = train["paired_trainer"].get("lightning_over_ours")
         ratios["train: gradient checkpointing / plain loop (tokens/s)"] = ratio(tps("ours_ckpt"), tps("ours"))
+        if "paired_matmul_precision" in train:
+            key = (
+                f"train: float32 matmul precision {args.float32_matmul_precision} / highest, plain loop, "
+                "a step each in turn in one process (median of the pairs)"
+            )
+            ratios[key] = train["paired_matmul_precision"].get("speedup")
         if args.compile:
             ratios["train: compiled / eager, plain loop (tokens/s)"] = ratio(tps("ours_compiled"), tps("ours"))
             ratios["train: compiled / eager, Trainer (tokens/s)"] = ratio(tps("lightning_compiled"), tps("lightning"))

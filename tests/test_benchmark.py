@@ -22,7 +22,7 @@ def test_quick_benchmark_runs_the_training_cases_asked_for_and_the_data_section(
     cases = "lightning,hf,ours_ckpt,hf_fp32,ours_compiled"  # ours runs anyway; ours_compiled needs --compile
     # bf16 at 2 x 32 tokens: CPUs without native bf16 (AVX2 ones) take seconds a step at the quick shape
     argv = ["--quick", "--sections", "train,data", "--precision", "bf16-mixed", "--cases", cases]
-    argv += ["--batch-size", "2", "--seq-len", "32"]
+    argv += ["--batch-size", "2", "--seq-len", "32", "--float32-matmul-precision", "medium"]
     argv += ["--corpus", str(corpus)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU cases, whatever the machine has
     proc = subprocess.run(
@@ -61,6 +61,14 @@ def test_quick_benchmark_runs_the_training_cases_asked_for_and_the_data_section(
         "train: Lightning Trainer / plain loop, a step each in turn in one process (median of the pairs)"
         in (report["ratios"])
     )
+    # ours under the float32 matmul precisions highest and medium, a step each in turn in one process
+    assert report["settings"]["float32_matmul_precision"] == "medium"
+    pairs = report["train"]["paired_matmul_precision"]["step_s_pairs"]
+    assert len(pairs) == 2 and all(highest > 0 and medium > 0 for highest, medium in pairs)
+    median = sorted(highest / medium for highest, medium in pairs)
+    assert report["train"]["paired_matmul_precision"]["speedup"] == pytest.approx((median[0] + median[1]) / 2)
+    key = "train: float32 matmul precision medium / highest, plain loop, a step each in turn in one process"
+    assert f"{key} (median of the pairs)" in report["ratios"]
 
     modes = report["data"]["modes"]
     real = [modes[m]["real_fraction"] for m in ("padded to longest", "bucket_by_length", "packing")]
@@ -122,3 +130,22 @@ def test_the_paired_step_timer_leaves_the_plain_step_out_of_the_trainer_steps(mo
     # the first batch's end only starts the clock; the plain step after each later end is not a Trainer step's
     assert timer.step_s == [2.0, 3.0]
     assert timer.between_s == [4.0, 4.0]
+
+
+def test_the_paired_matmul_precision_case_times_each_step_under_the_precision_it_is_filed_under(monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def fake_steps(*args, **kwargs):  # a step "takes" 2 s under highest and 1 s under anything else
+        while True:
+            yield 2.0 if torch.get_float32_matmul_precision() == "highest" else 1.0
+
+    monkeypatch.setattr(benchmark, "plain_steps", fake_steps)
+    args = benchmark.parse_args(["--quick", "--steps", "3", "--float32-matmul-precision", "medium"])
+    before = torch.get_float32_matmul_precision()
+    try:
+        pairs = benchmark.run_paired_matmul(args)["step_s_pairs"]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert pairs == [[2.0, 1.0]] * 3  # [highest, medium], whichever of the two went first

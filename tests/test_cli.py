@@ -6,7 +6,9 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
+import lightning as L
 import pytest
 import torch
 
@@ -303,6 +305,34 @@ def test_fit_runs_without_a_logger_and_without_checkpoints(checkpoint, tmp_path)
     assert (tmp_path / "a/checkpoints/last.ckpt").is_file() and not (tmp_path / "a/logs").exists()
     main(cli_args("fit", corpus, tmp_path / "b", "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
     assert (tmp_path / "b/logs/version_0/metrics.csv").is_file() and not (tmp_path / "b/checkpoints").exists()
+
+
+def test_fit_sets_the_float32_matmul_precision_it_is_given_and_else_leaves_torchs(checkpoint, tmp_path):
+    corpus = checkpoint.parents[1] / "poems.txt"
+    seen = PrecisionSpy.seen = []  # the precision the Trainer's steps ran under, one per run
+    spy = ("--trainer.callbacks+", f"{__name__}.PrecisionSpy", "--trainer.max_steps", "1")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # set by a script that runs the CLI: not overridden
+        main(cli_args("fit", corpus, tmp_path / "a", *spy))
+        main(cli_args("fit", corpus, tmp_path / "b", *spy, "--float32_matmul_precision", "medium"))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == ["high", "medium"]
+    saved = (tmp_path / "b/logs/version_0/config.yaml").read_text(encoding="utf-8")
+    assert "float32_matmul_precision: medium" in saved.splitlines()
+    with pytest.raises(SystemExit):
+        main(cli_args("fit", corpus, tmp_path / "c", "--float32_matmul_precision", "low"))
+    assert not (tmp_path / "c").exists()
+
+
+class PrecisionSpy(L.Callback):
+    """Records torch's float32 matmul precision at each training batch (a class the CLI can name)."""
+
+    seen: ClassVar[list[str]] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.seen.append(torch.get_float32_matmul_precision())
 
 
 def test_fit_from_an_initial_checkpoint_fine_tunes_its_weights(checkpoint, tmp_path):
