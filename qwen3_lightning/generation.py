@@ -65,6 +65,11 @@ def check_decoding_args(
     return new
 
 
+NUCLEUS_CANDIDATES = 256
+"""``top_p`` without ``top_k`` looks for the nucleus among this many most likely tokens first; only a row where
+they hold less than ``top_p`` of the probability makes it sort the whole vocabulary."""
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float,
@@ -74,23 +79,52 @@ def sample_next_token(
 ) -> torch.Tensor:
     """One token id per row of ``logits`` (B, vocab): argmax when ``temperature`` is 0 (or below float32's
     smallest normal number, which float32 may hold as 0), else a draw from the softmax at that temperature,
-    restricted to the ``top_k`` most likely and the ``top_p`` nucleus."""
+    restricted to the ``top_k`` most likely tokens (exactly k: a tie at the k-th is broken by ``torch.topk``)
+    and to the ``top_p`` nucleus. Only the tokens still in play are sorted and summed: after ``top_k``, k of
+    them; for ``top_p`` alone, usually the ``NUCLEUS_CANDIDATES`` most likely."""
     if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
     logits = logits.float()
+    ids = None  # the token ids of the columns of logits, once they are fewer than the vocabulary
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # most likely first
     # the largest logit becomes 0 first: a tiny temperature then sends the others to -inf, never inf - inf = NaN
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        log_total = logits.logsumexp(dim=-1, keepdim=True)  # of the tokens in play: after top_k, the k
+        if ids is None:
+            logits, ids = _nucleus_candidates(logits, log_total, top_p)
+        probs = (logits - log_total).exp()
         # drop a token when the tokens before it already hold top_p of the mass; the first always stays
-        drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    choice = draw(logits.softmax(dim=-1), generator)
+    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _nucleus_candidates(
+    logits: torch.Tensor, log_total: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens, most likely first, among which every row's ``top_p`` nucleus lies: those that
+    follow a set already holding ``top_p`` of the probability are never in it."""
+    n = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    values, ids = torch.topk(logits, n, dim=-1)
+    if n < logits.shape[-1] and bool(((values - log_total).exp().sum(dim=-1) < top_p).any()):
+        return torch.sort(logits, dim=-1, descending=True)
+    return values, ids
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column per row of ``probs`` (B, n), drawn with those probabilities (a row need not sum to 1, and a
+    column of probability 0 is never drawn): where a uniform number falls in the running sum of the row. One
+    random number per row, where ``torch.multinomial`` draws one per column (ten times slower here, for a few
+    thousand columns)."""
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
+    cdf = probs.to(dtype).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=dtype, device=probs.device, generator=generator)
+    # below the total, even where u * total rounds up to it: the first column whose running sum exceeds it
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def decode_loop(

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from qwen3_lightning.callbacks import gpu_bf16_peak, matmul_flops
 from qwen3_lightning.config import PRESETS, Qwen3Config
 from qwen3_lightning.data import without_needless_mask
+from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 SECTIONS = ("train", "decode", "data")
@@ -62,6 +63,8 @@ PAIRED_TRAINER = "paired_trainer"
 PAIRED_MATMUL = "paired_matmul_precision"
 """The hidden case of ours' plain loop stepping under two float32 matmul precisions in turn (``run_paired_matmul``)."""
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+SAMPLING = {k: GENERATE_DEFAULTS[k] for k in ("temperature", "top_k")}
+"""The sampled decoding cases' settings: those ``generate`` and ``predict`` start from (top_p: none)."""
 
 
 def positive_int(text: str) -> int:
@@ -746,7 +749,7 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
     n = args.new_tokens
     bandwidth = memory_bandwidth(device, args.quick)
     results: dict[str, Any] = {}
-    rows = []
+    rows, sampled_rows = [], []
     for preset in args.decode_presets.split(","):
         config = Qwen3Config.from_preset(preset, vocab_size=args.vocab_size)
         torch.manual_seed(args.seed)
@@ -774,7 +777,24 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
                     prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
                 )
 
+            def run_ours_sampled(prompt: torch.Tensor = prompt, model: Qwen3Transformer = ours) -> torch.Tensor:
+                return model.generate(prompt, n, **SAMPLING, generator=torch.Generator(device).manual_seed(0))
+
+            def run_autotuned_sampled(prompt: torch.Tensor = prompt, model: Qwen3Transformer = ours) -> torch.Tensor:
+                generator = torch.Generator(device).manual_seed(0)
+                return model.generate(prompt, n, **SAMPLING, generator=generator, compile="max-autotune")
+
+            def run_hf_sampled(
+                prompt: torch.Tensor = prompt, mask: torch.Tensor = mask, model: nn.Module = hf
+            ) -> torch.Tensor:
+                return model.generate(
+                    prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_p=1.0,
+                    pad_token_id=0, **SAMPLING,
+                )  # fmt: skip
+
             fns = {"ours": run_ours, "ours_compiled": run_compiled, "ours_max_autotune": run_autotuned, "hf": run_hf}
+            fns |= {"ours_sampled": run_ours_sampled, "ours_max_autotune_sampled": run_autotuned_sampled}
+            fns["hf_sampled"] = run_hf_sampled
             for fn in fns.values():
                 fn()  # warm up (and compile)
             timings = timed(fns, device, args.decode_repeats)
@@ -787,6 +807,8 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
             r["ours_over_hf"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
             r["ours_compiled_over_hf"] = r["ours_compiled_tokens_per_s"] / r["hf_tokens_per_s"]
             r["ours_max_autotune_over_hf"] = r["ours_max_autotune_tokens_per_s"] / r["hf_tokens_per_s"]
+            for name in ("ours_sampled", "ours_max_autotune_sampled"):
+                r[f"{name}_over_hf_sampled"] = r[f"{name}_tokens_per_s"] / r["hf_sampled_tokens_per_s"]
             r["bandwidth_bound_tokens_per_s"] = batch * bandwidth / weight_bytes
             r["ours_max_autotune_share_of_bound"] = (
                 r["ours_max_autotune_tokens_per_s"] / r["bandwidth_bound_tokens_per_s"]
@@ -808,6 +830,17 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
                     r["greedy_outputs_equal"],
                 ]
             )
+            sampled_rows.append(
+                [
+                    preset,
+                    batch,
+                    r["ours_sampled_tokens_per_s"],
+                    r["ours_max_autotune_sampled_tokens_per_s"],
+                    r["hf_sampled_tokens_per_s"],
+                    r["ours_sampled_over_hf_sampled"],
+                    r["ours_max_autotune_sampled_over_hf_sampled"],
+                ]
+            )
     headers = [
         "preset",
         "batch",
@@ -822,8 +855,19 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
         "max-autotune, % of bound",
         "greedy outputs equal",
     ]
+    sampled_headers = [
+        "preset",
+        "batch",
+        "ours tokens/s",
+        "ours max-autotune tokens/s",
+        "transformers tokens/s",
+        "ours / transformers",
+        "max-autotune / transformers",
+    ]
     report = {"memory_bandwidth_gb_s": bandwidth / 1e9, "dtype": str(dtype), "cases": results}
-    return report, markdown_table(headers, rows)
+    sampled = ", ".join(f"{k} {v}" for k, v in SAMPLING.items())
+    tables = markdown_table(headers, rows) + f"\n\nSampled ({sampled}, the defaults of `generate`):\n\n"
+    return report, tables + markdown_table(sampled_headers, sampled_rows)
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -976,7 +1020,7 @@ def main(argv: list[str] | None = None) -> None:
         decode, table = decode_section(args, device)
         report["decode"] = decode
         print(
-            f"## Greedy decoding: prompt {args.prompt_len} tokens, {args.new_tokens} new "
+            f"## Decoding, greedy and sampled: prompt {args.prompt_len} tokens, {args.new_tokens} new "
             f"tokens, weights in {str(compute_dtype(args.precision)).removeprefix('torch.')}, best of "
             f"{args.decode_repeats} (tokens/s counts new tokens of all rows; the prompt's prefill is included in "
             "the time). Bandwidth bound: the tokens/s at which each step would just read every weight once at "
@@ -993,6 +1037,10 @@ def main(argv: list[str] | None = None) -> None:
             ratios[f"decode {key.replace('_', ' ')}: ours max-autotune / transformers (tokens/s)"] = r[
                 "ours_max_autotune_over_hf"
             ]
+            for name, label in (("ours_sampled", "ours"), ("ours_max_autotune_sampled", "ours max-autotune")):
+                ratios[f"decode {key.replace('_', ' ')}, sampled: {label} / transformers (tokens/s)"] = r[
+                    f"{name}_over_hf_sampled"
+                ]
     if "data" in args.sections:
         data, text = data_section(args)
         report["data"] = data

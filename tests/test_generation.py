@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from qwen3_lightning.config import Qwen3Config
-from qwen3_lightning.generation import check_generate_kwargs, sample_next_token, stream_text
+from qwen3_lightning.generation import NUCLEUS_CANDIDATES, check_generate_kwargs, draw, sample_next_token, stream_text
 from qwen3_lightning.model import Qwen3Transformer
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -98,6 +98,55 @@ def test_temperature_divides_the_logits():
         counts = torch.bincount(draws, minlength=4).float() / len(draws)
         # softmax([4, 2, 0, -2]) = 0.87, 0.12, 0.02, 0.00 at 0.5; softmax([1, .5, 0, -.5]) = .41, .25, .15, .09 at 2
         torch.testing.assert_close(counts, (logits / temperature).softmax(-1)[0], atol=0.02, rtol=0)
+
+
+def filtered_distribution(logits: torch.Tensor, temperature: float, top_k, top_p) -> torch.Tensor:
+    """What sample_next_token should draw from, computed the plain way: the whole vocabulary sorted, in float64."""
+    order = logits.double().argsort(descending=True)
+    probs = (logits.double()[order] / temperature).softmax(-1)
+    if top_k is not None:
+        probs[top_k:] = 0
+        probs /= probs.sum()
+    if top_p is not None:
+        probs[probs.cumsum(-1) - probs >= top_p] = 0
+        probs /= probs.sum()
+    return torch.zeros_like(probs).scatter(0, order, probs)
+
+
+@pytest.mark.parametrize(
+    ("spread", "temperature", "top_k", "top_p"),
+    [
+        (None, 1.0, None, None),  # None: peaked logits, randn * 3
+        (None, 0.7, 20, None),
+        (None, 3.0, 20, 0.6),
+        (None, 1.0, None, 0.5),
+        (1.5, 1.0, None, 0.35),  # a nucleus of about 210 tokens, among NUCLEUS_CANDIDATES that hold 41% of the mass
+        (3.0, 1.0, None, 0.9),  # one of several hundred tokens, past them: the whole vocabulary is sorted
+    ],
+)
+def test_sampling_draws_from_the_filtered_softmax(spread, temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    if spread is None:
+        logits = torch.randn(1000, generator=g) * 3
+    else:  # evenly spread from 0 down to -spread, in a random order
+        logits = torch.linspace(0, -spread, 1000)[torch.randperm(1000, generator=g)]
+    expected = filtered_distribution(logits, temperature, top_k, top_p)
+    if spread == 3.0:
+        assert (expected > 0).sum() > NUCLEUS_CANDIDATES
+    rows = logits.expand(256, -1)
+    draws = torch.cat([sample_next_token(rows, temperature, top_k, top_p, generator=g) for _ in range(200)])
+    counts = torch.bincount(draws, minlength=1000).double() / len(draws)
+    assert bool((expected[draws] > 0).all())  # never a token the filters drop
+    # total variation distance; sampling noise over 51,200 draws leaves about 0.05 in the last case
+    assert 0.5 * (counts - expected).abs().sum().item() < 0.08
+
+
+def test_draw_never_picks_a_column_of_probability_zero_at_either_end_of_the_uniform_range(monkeypatch):
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.5, 0.0, 0.0, 0.0, 0.5]])
+    for u in (0.0, 1 - 2**-53):  # torch.rand's smallest and largest float64 values
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kwargs: torch.full(*shape, u, dtype=kwargs["dtype"]))
+        picked = draw(probs).tolist()
+        assert picked == ([1, 0] if u == 0 else [3, 4])
 
 
 def test_sampling_filters():
