@@ -120,11 +120,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     thousand columns)."""
     dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
     cdf = probs.to(dtype).cumsum(dim=-1)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=dtype, device=probs.device, generator=generator)
-    # below the total, even where u * total rounds up to it: the first column whose running sum exceeds it
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    cdf = cdf / cdf[:, -1:]  # ends at exactly 1 from the last column of any probability on: above every u
+    u = torch.rand((len(cdf), 1), dtype=dtype, device=probs.device, generator=generator)  # in [0, 1)
+    # the first column whose running sum exceeds u: never one of probability 0, whose sum equals the one before
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def decode_loop(
