@@ -32,8 +32,8 @@ from qwen3_lightning.generation import GENERATE_DEFAULTS
 from qwen3_lightning.module import Qwen3LightningModule, check_trainer_settings
 
 DEFAULT_ROOT = "runs"
-MatmulPrecision = Literal["highest", "high", "medium"]
 """The run folder (``trainer.default_root_dir``) when none is given: logs and checkpoints go under it."""
+MatmulPrecision = Literal["highest", "high", "medium"]
 
 
 class FullOptionsParser(ArgumentParser):

@@ -120,6 +120,13 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     thousand columns)."""
     dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
     cdf = probs.to(dtype).cumsum(dim=-1)
+    empty = ~(cdf[:, -1] > 0)  # NaN too
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(
+            f"nothing to sample from in row(s) {rows[:8]}: their logits are NaN or all -inf (weights that "
+            "overflowed, as float16 ones can, give such logits)"
+        )
     cdf = cdf / cdf[:, -1:]  # ends at exactly 1 from the last column of any probability on: above every u
     u = torch.rand((len(cdf), 1), dtype=dtype, device=probs.device, generator=generator)  # in [0, 1)
     # the first column whose running sum exceeds u: never one of probability 0, whose sum equals the one before

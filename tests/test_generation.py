@@ -149,6 +149,15 @@ def test_draw_never_picks_a_column_of_probability_zero_at_either_end_of_the_unif
         assert picked == ([1, 0] if u == 0 else [3, 4])
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampling_logits_with_nothing_to_sample_from_are_refused_with_the_rows(top_k):
+    logits = torch.zeros(3, 10)
+    logits[1] = float("nan")
+    logits[2] = float("-inf")
+    with pytest.raises(ValueError, match=r"nothing to sample from in row\(s\) \[1, 2\]: their logits are NaN"):
+        sample_next_token(logits, 0.8, top_k=top_k, generator=torch.Generator().manual_seed(0))
+
+
 def test_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
