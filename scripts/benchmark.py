@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qwen3_lightning.callbacks import gpu_bf16_peak, matmul_flops
+from qwen3_lightning.cli import MatmulPrecision
 from qwen3_lightning.config import PRESETS, Qwen3Config
 from qwen3_lightning.data import without_needless_mask
 from qwen3_lightning.generation import GENERATE_DEFAULTS
@@ -62,7 +63,6 @@ PAIRED_TRAINER = "paired_trainer"
 """The hidden case of the Trainer and the plain loop stepping in turn in one process (``run_paired_trainer``)."""
 PAIRED_MATMUL = "paired_matmul_precision"
 """The hidden case of ours' plain loop stepping under two float32 matmul precisions in turn (``run_paired_matmul``)."""
-MATMUL_PRECISIONS = ("highest", "high", "medium")
 SAMPLING = {k: GENERATE_DEFAULTS[k] for k in ("temperature", "top_k")}
 """The sampled decoding cases' settings: those ``generate`` and ``predict`` start from (top_p: none)."""
 
@@ -126,13 +126,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fused", action="store_true", help="fused AdamW in every case (default: torch's default kernel)")
     p.add_argument(
         "--float32-matmul-precision",
-        choices=MATMUL_PRECISIONS,
+        choices=get_args(MatmulPrecision),
         default="highest",
         help="torch.set_float32_matmul_precision in every case, transformers' too, and for the MFU peak's matmul; "
         "other than highest, ours' plain loop also steps under highest and under this in turn in one process",
     )
     p.add_argument(
-        "--new-tokens", type=positive_int, default=None, help="greedy tokens per decode (default 200; --quick: 16)"
+        "--new-tokens", type=positive_int, default=None, help="new tokens per decode (default 200; --quick: 16)"
     )
     p.add_argument("--prompt-len", type=positive_int, default=16)
     p.add_argument(
@@ -792,9 +792,15 @@ def decode_section(args: argparse.Namespace, device: torch.device) -> tuple[dict
                     pad_token_id=0, **SAMPLING,
                 )  # fmt: skip
 
-            fns = {"ours": run_ours, "ours_compiled": run_compiled, "ours_max_autotune": run_autotuned, "hf": run_hf}
-            fns |= {"ours_sampled": run_ours_sampled, "ours_max_autotune_sampled": run_autotuned_sampled}
-            fns["hf_sampled"] = run_hf_sampled
+            fns = {
+                "ours": run_ours,
+                "ours_compiled": run_compiled,
+                "ours_max_autotune": run_autotuned,
+                "hf": run_hf,
+                "ours_sampled": run_ours_sampled,
+                "ours_max_autotune_sampled": run_autotuned_sampled,
+                "hf_sampled": run_hf_sampled,
+            }
             for fn in fns.values():
                 fn()  # warm up (and compile)
             timings = timed(fns, device, args.decode_repeats)
