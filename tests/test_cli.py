@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -42,8 +43,14 @@ def checkpoint(tmp_path_factory) -> Path:
     return tmp / "checkpoints" / "last.ckpt"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qwen3_lightning", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [sys.executable, *python, "-m", "qwen3_lightning", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def imported_modules(importtime: str) -> set[str]:
+    """The top-level packages that ``python -X importtime`` lists on stderr as imported."""
+    return {m.split(".")[0] for m in re.findall(r"^import time:.*\|\s+([\w.]+)$", importtime, re.MULTILINE)}
 
 
 def test_generate_prints_seeded_samples(checkpoint, capsys):
@@ -64,8 +71,12 @@ def test_generate_prints_seeded_samples(checkpoint, capsys):
         "--seed",
         "0",
     ]
-    first = run_cli(*args)  # through `python -m`, once; again in this process
+    first = run_cli(*args, python=("-X", "importtime"))  # through `python -m`, once; again in this process
     assert first.returncode == 0, first.stderr[-2000:]
+    # generate needs no Trainer: it starts without importing Lightning (about half of its start-up time)
+    imported = imported_modules(first.stderr)
+    assert {"torch", "jsonargparse", "qwen3_lightning"} <= imported
+    assert not imported & {"lightning", "torchmetrics"}, "generate imported Lightning"
     main(args)
     assert capsys.readouterr().out == first.stdout  # same seed, same text
     main([*args[:-1], "1"])
@@ -180,7 +191,12 @@ def test_abbreviated_or_misspelt_options_are_refused(args, capsys):
 def test_generate_says_what_a_folder_is_instead_of_a_checkpoint(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match=r"checkpoints is a folder; pass one checkpoint file in it \(.*last.ckpt"):
         main(["generate", "--ckpt_path", str(checkpoint.parent)])
-    main(["export", "--ckpt_path", str(checkpoint), "--out_dir", str(tmp_path / "hf")])
+    export = run_cli(
+        "export", "--ckpt_path", str(checkpoint), "--out_dir", str(tmp_path / "hf"), python=("-X", "importtime")
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    imported = imported_modules(export.stderr)  # export, like generate, needs no Trainer
+    assert {"torch", "safetensors", "qwen3_lightning"} <= imported and not imported & {"lightning", "torchmetrics"}
     with pytest.raises(SystemExit, match="hf is an exported transformers model folder, not a training checkpoint"):
         main(["generate", "--ckpt_path", str(tmp_path / "hf")])
 

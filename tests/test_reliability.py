@@ -21,9 +21,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from qwen3_lightning.callbacks import ResumeCheckpoint
-from qwen3_lightning.cli import main, refuse_to_overwrite, resolve_ckpt_path
+from qwen3_lightning.cli import main
 from qwen3_lightning.data import TextDataModule
 from qwen3_lightning.interop import load_checkpoint
+from qwen3_lightning.lightning_cli import refuse_to_overwrite, resolve_ckpt_path
 from qwen3_lightning.module import Qwen3LightningModule
 from qwen3_lightning.tokenizer import CharTokenizer
 
@@ -92,7 +93,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(corpus, tmp_
     # below cover each position deterministically)
     assert 0 < saved < 150, saved
 
-    main([*args, "--ckpt_path", "last"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*args, "--ckpt_path", "last"])
+    # Lightning 2.6's loop restore under newer torch: a FutureWarning at every resume that is not the user's to fix
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
     resumed = losses(run, 1)
     assert min(resumed) == saved and max(resumed) == 149
     for step, loss in resumed.items():

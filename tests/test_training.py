@@ -14,8 +14,9 @@ import yaml
 from conftest import POEMS, quiet_trainer
 
 from qwen3_lightning.callbacks import TextSampler, TokenThroughput, gpu_bf16_peak, matmul_flops
-from qwen3_lightning.cli import Qwen3CLI, main
+from qwen3_lightning.cli import main
 from qwen3_lightning.data import TextDataModule, collate
+from qwen3_lightning.lightning_cli import Qwen3CLI
 from qwen3_lightning.model import flops_per_token
 from qwen3_lightning.module import Qwen3LightningModule, warmup_cosine
 
