@@ -263,7 +263,11 @@ def _decode(
 
     B, T = input_ids.shape
     weight = model.model.embed_tokens.weight
-    cache = KVCache.allocate(model.config, B, capacity, weight.device, weight.dtype)
+    # under autocast (predict with bf16-mixed) keys and values come in the autocast dtype: a cache in it holds
+    # them at half the memory, and attention reads it as it is rather than converting it all at every token
+    autocast = torch.is_autocast_enabled(weight.device.type)
+    dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
+    cache = KVCache.allocate(model.config, B, capacity, weight.device, dtype)
     # which cache slots each row may see: the prompt (padding hidden), then each new token once written
     slots = torch.zeros(B, capacity, dtype=torch.long, device=input_ids.device)
     slots[:, :T] = 1 if attention_mask is None else attention_mask

@@ -35,7 +35,11 @@ MatmulPrecision = Literal["highest", "high", "medium"]
 
 
 def default_precision() -> str:
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    """bf16-mixed on GPUs that compute in bfloat16 natively (Ampere and later); 16-mixed on older CUDA GPUs
+    (V100, T4), which torch would run bfloat16 on, emulated and slow; 32-true elsewhere."""
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
 
 
 def default_loggers(root: str) -> list[Logger]:

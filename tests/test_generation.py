@@ -382,8 +382,14 @@ def test_streaming_builds_no_autograd_graph(pair, monkeypatch):
     assert grad_modes == [False, False, False]  # prefill and two steps, all without autograd
 
 
-def test_generation_under_bf16_autocast(pair):
-    # as in `predict` with trainer.precision bf16-mixed: float32 weights and cache, bfloat16 activations
+def test_generation_under_bf16_autocast(pair, monkeypatch):
+    # as in `predict` with trainer.precision bf16-mixed: float32 weights, bfloat16 activations and cache (as
+    # transformers' cache holds them: in the dtype they come in)
+    from qwen3_lightning.model import KVCache
+
+    caches = []
+    allocate = KVCache.allocate
+    monkeypatch.setattr(KVCache, "allocate", lambda *a, **k: caches.append(allocate(*a, **k)) or caches[-1])
     hf, ours = pair
     torch.manual_seed(5)
     prompts = torch.randint(4, 83, (2, 5))
@@ -391,6 +397,8 @@ def test_generation_under_bf16_autocast(pair):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         out = ours.generate(prompts, 12, temperature=0, attention_mask=mask)
         logits = hf(out).logits[:, 4:-1].float()  # transformers' logits for each new token, from its prefix
+    assert {t.dtype for c in caches for t in (*c.keys, *c.values)} == {torch.bfloat16}
+    assert ours.model.embed_tokens.weight.dtype == torch.float32
     assert len(set(out[:, 5:].flatten().tolist())) > 3
     # each new token is transformers' greedy choice on the same prefix. bfloat16 logits tie now and then (two
     # equal to all 8 bits), and a tie may go either way: within one bfloat16 step of the largest counts as its

@@ -274,6 +274,52 @@ def test_validation_and_test_loss_weigh_every_token_alike(tmp_path):
     assert trainer.test(model, dataloaders=loader, verbose=False)[0]["test_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_validation_and_test_losses_add_up_in_float32_under_half_precision(dtype):
+    # 16-true and bf16-true cast the whole module, metric states included (module.to(dtype)); a token-weighted
+    # sum of 100 batches of 32 x 1024 tokens overflows float16 (NaN) and comes to 4.53 for 5.0 in bfloat16
+    model = Qwen3LightningModule(vocab_size=50).to(dtype)
+    for start, metric in (
+        (model.on_validation_epoch_start, model.val_loss),
+        (model.on_test_epoch_start, model.test_loss),
+    ):
+        start()
+        for _ in range(100):
+            metric.update(torch.tensor(5.0, dtype=dtype), weight=torch.tensor(32 * 1024))
+        assert metric.compute().item() == 5.0
+
+
+def test_the_loss_is_computed_in_float32_from_half_precision_logits():
+    # under 16-true or bf16-true the logits are half precision (no autocast upcasts them for the loss)
+    model = Qwen3LightningModule(vocab_size=50, overrides={"num_decoder_layer": 1})
+    model.configure_model()
+    model.to(torch.bfloat16)
+    batch = collate([(torch.randint(4, 50, (17,)), torch.randint(4, 50, (17,)))] * 2)
+    loss, _ = model._loss(batch)
+    logits = model(batch["input_ids"], batch.get("attention_mask"))
+    assert loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "native_bf16", "expected"),
+    [(False, False, "32-true"), (True, True, "bf16-mixed"), (True, False, "16-mixed")],
+    ids=["cpu", "ampere-or-later", "v100-or-t4"],
+)
+def test_the_default_precision_is_bf16_only_where_the_gpu_computes_it_natively(
+    monkeypatch, cuda, native_bf16, expected
+):
+    from qwen3_lightning.lightning_cli import default_precision
+
+    # torch says bf16 is supported on a V100 or T4 unless asked about native support: it emulates it, slowly
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
+    )
+    assert default_precision() == expected
+
+
 def test_every_run_logs_tokens_per_second_and_mfu_on_a_cpu(tmp_path):
     data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
     model = Qwen3LightningModule(preset="tiny", overrides={"num_decoder_layer": 2}, vocab_size=data.vocab_size)
