@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
+
+MatmulPrecision = Literal["highest", "high", "medium"]
+"""The values of ``torch.set_float32_matmul_precision``: the CLI's ``--float32_matmul_precision`` and the
+benchmark's (here, so that the benchmark needs neither the CLI nor jsonargparse)."""
 
 # Shapes of the published checkpoints are from their config.json on the Hugging Face Hub
 # (Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B); the small presets are ours, sized for a CPU.

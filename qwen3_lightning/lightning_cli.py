@@ -13,7 +13,7 @@ import sys
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -25,13 +25,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
 from qwen3_lightning.cli import program_name
-from qwen3_lightning.config import Qwen3Config
+from qwen3_lightning.config import MatmulPrecision, Qwen3Config
 from qwen3_lightning.data import TEXT_SUFFIXES, TextDataModule
 from qwen3_lightning.module import Qwen3LightningModule, check_trainer_settings
 
 DEFAULT_ROOT = "runs"
 """The run folder (``trainer.default_root_dir``) when none is given: logs and checkpoints go under it."""
-MatmulPrecision = Literal["highest", "high", "medium"]
 
 
 def default_precision() -> str:

@@ -36,10 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qwen3_lightning.callbacks import gpu_bf16_peak, matmul_flops
-from qwen3_lightning.config import PRESETS, Qwen3Config
+from qwen3_lightning.config import PRESETS, MatmulPrecision, Qwen3Config
 from qwen3_lightning.data import without_needless_mask
 from qwen3_lightning.generation import GENERATE_DEFAULTS
-from qwen3_lightning.lightning_cli import MatmulPrecision
 from qwen3_lightning.model import Qwen3Transformer, flops_per_token
 
 SECTIONS = ("train", "decode", "data")

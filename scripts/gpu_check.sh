@@ -66,7 +66,8 @@ fi
 # 1. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
 if [[ $PART != train ]]; then
     for preset in "${presets[@]}"; do
-        step "bench_$preset" 180 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
+        # two cases of at most 100 s each (a cold compile of qwen3-0.6b may take most of one), plus start-ups
+        step "bench_$preset" 230 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
             --case-timeout 100 --compile --fused --cases hf,ours_compiled --json "$OUT/bench_$preset.json"
     done
 fi
@@ -78,6 +79,13 @@ finish() {
     exit
 }
 [[ $PART == bench ]] && finish
+
+# the CLI needs jsonargparse, which the GPU machine's image lacks unless its wheels came in .whl/ (the benchmark
+# does not): say so once, rather than spend the device time on steps that fail at their first import
+if ! python3 -c "import jsonargparse, docstring_parser, typeshed_client" 2>>"$LOG"; then
+    echo "train: skipped, jsonargparse (or its signatures extra) is missing: prepare .whl/ as the header says" | tee -a "$SUMMARY"
+    finish
+fi
 
 # 2. what every GPU user runs first: the CLI's GPU defaults (bf16-mixed, fused AdamW, clipping at 1.0)
 step fit_tiny 120 python3 -m qwen3_lightning fit --config configs/tiny.yaml --trainer.max_steps 30 \
