@@ -534,8 +534,8 @@ def run(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val_loss'\)` could not find")
     # the checkpoint folder is the run's, fixed: a resume finds it full, and a new run over it is refused
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # on resuming, Lightning (2.6) rebuilds its loops' state with torch's LeafSpec, which newer torch (2.13 here)
-    # deprecates: a FutureWarning at every resume that is Lightning's to fix, not the user's
+    # Lightning (2.6) flattens its loaders' and loops' state with torch's LeafSpec, which newer torch (2.13 here)
+    # deprecates: a FutureWarning once in every command that runs a loop, Lightning's to fix, not the user's
     leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
     warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
     try:

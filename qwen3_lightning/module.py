@@ -471,7 +471,8 @@ class Qwen3LightningModule(L.LightningModule):
                 f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}) on "
                 f"{int(broken)} of {self.trainer.world_size} process(es); stopping "
                 "before a broken model is saved. Lower model.learning_rate (now "
-                f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16 rather than 16-mixed, and "
+                f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16-mixed rather than "
+                "16-mixed where the GPU computes bf16 natively (else 32-true), and "
                 "check the data. Resume from the last good checkpoint with --ckpt_path."
             )
         self.tokens_seen += int(tokens)

@@ -48,6 +48,9 @@ def run_cli(*args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+LIGHTNING_PACKAGES = {"lightning", "lightning_fabric", "lightning_utilities", "pytorch_lightning", "torchmetrics"}
+
+
 def imported_modules(importtime: str) -> set[str]:
     """The top-level packages that ``python -X importtime`` lists on stderr as imported."""
     return {m.split(".")[0] for m in re.findall(r"^import time:.*\|\s+([\w.]+)$", importtime, re.MULTILINE)}
@@ -76,7 +79,7 @@ def test_generate_prints_seeded_samples(checkpoint, capsys):
     # generate needs no Trainer: it starts without importing Lightning (about half of its start-up time)
     imported = imported_modules(first.stderr)
     assert {"torch", "jsonargparse", "qwen3_lightning"} <= imported
-    assert not imported & {"lightning", "torchmetrics"}, "generate imported Lightning"
+    assert not imported & LIGHTNING_PACKAGES, "generate imported Lightning"
     main(args)
     assert capsys.readouterr().out == first.stdout  # same seed, same text
     main([*args[:-1], "1"])
@@ -196,7 +199,7 @@ def test_generate_says_what_a_folder_is_instead_of_a_checkpoint(checkpoint, tmp_
     )
     assert export.returncode == 0, export.stderr[-2000:]
     imported = imported_modules(export.stderr)  # export, like generate, needs no Trainer
-    assert {"torch", "safetensors", "qwen3_lightning"} <= imported and not imported & {"lightning", "torchmetrics"}
+    assert {"torch", "safetensors", "qwen3_lightning"} <= imported and not imported & LIGHTNING_PACKAGES
     with pytest.raises(SystemExit, match="hf is an exported transformers model folder, not a training checkpoint"):
         main(["generate", "--ckpt_path", str(tmp_path / "hf")])
 

@@ -96,7 +96,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(corpus, tmp_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         main([*args, "--ckpt_path", "last"])
-    # Lightning 2.6's loop restore under newer torch: a FutureWarning at every resume that is not the user's to fix
+    # Lightning 2.6's loaders and loops under newer torch: a FutureWarning in every run, not the user's to fix
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
     resumed = losses(run, 1)
     assert min(resumed) == saved and max(resumed) == 149
