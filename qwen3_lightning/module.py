@@ -236,6 +236,8 @@ class Qwen3LightningModule(L.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.tokens_seen = 0
         self._sigterm = False
+        # per batch since the last optimizer step: its counts (on the CPU once the event is reached), the loss
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor, int]] = []
         self._schedule: tuple[int, int, float] | None = None
         self._resumed_from: dict[str, Any] | None = None
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -458,15 +460,43 @@ class Qwen3LightningModule(L.LightningModule):
 
     @torch.compiler.disable  # bookkeeping: under torch.compile(module) or compile=True, only the loss is compiled
     def _account(self, loss: torch.Tensor, n_tokens: torch.Tensor, batch_idx: int) -> None:
-        # one reduction gives the tokens of all ranks and tells every rank if any loss broke or any process got
-        # SIGTERM, so that all stop together (a rank stopping alone would leave the others waiting for it forever)
-        sigterm = torch.tensor(float(self._sigterm), device=loss.device)
-        tokens, broken, stopping = self.trainer.strategy.reduce(
-            torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float(), sigterm]), reduce_op="sum"
-        ).tolist()
-        if stopping:  # a SIGTERM reached some process: Lightning stops every rank at the end of this step
+        """Queues this batch's token count and loss check, summed over ranks; ``on_before_optimizer_step`` reads
+        them. Reading them here, between the forward and the backward, would make the CPU wait for the GPU to
+        finish the forward before it could queue the backward, once per batch."""
+        # one reduction tells every rank if any loss broke or any process got SIGTERM, so that all stop together
+        # (a rank stopping alone would leave the others waiting for it forever)
+        stats = torch.stack(
+            [n_tokens.float(), (~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(self._sigterm))]
+        )
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # not strategy.reduce: Lightning's puts a barrier before it, which blocks the CPU until the GPU is done
+            torch.distributed.all_reduce(stats)
+        elif self.trainer.world_size > 1:  # a strategy without torch.distributed (XLA)
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        event = None
+        if stats.device.type == "cuda":  # copied as the GPU gets there; the CPU goes on queueing the backward
+            stats = stats.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((stats, event, loss.detach(), batch_idx))
+        self.log("train_loss", loss, on_step=True, prog_bar=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Counts the tokens of the batches since the last optimizer step and stops the run, before the step,
+        when any of their losses broke; marks a SIGTERM that reached any process, so that Lightning stops every
+        rank at the end of this batch, with last.ckpt saved. A subclass that overrides this hook calls super()."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        for _, event, _, _ in pending:
+            if event is not None:
+                event.synchronize()  # the forward of that batch, long done: not the backward queued after it
+        window = torch.stack([stats for stats, *_ in pending])  # a row per batch, each summed over ranks
+        tokens, (broken, stopping) = window[:, 0].sum().item(), window[:, 1:].amax(0).tolist()
+        if stopping:
             self.trainer._signal_connector.received_sigterm = True
         if broken:
+            _, _, loss, batch_idx = next((p for p in pending if not torch.isfinite(p[2])), pending[-1])
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}) on "
                 f"{int(broken)} of {self.trainer.world_size} process(es); stopping "
@@ -476,7 +506,6 @@ class Qwen3LightningModule(L.LightningModule):
                 "check the data. Resume from the last good checkpoint with --ckpt_path."
             )
         self.tokens_seen += int(tokens)
-        self.log("train_loss", loss, on_step=True, prog_bar=True)
         self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric, stage: str) -> None:
@@ -607,6 +636,7 @@ class Qwen3LightningModule(L.LightningModule):
         Done here, not in ``configure_optimizers``: asking Lightning for the run's length there makes it build
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
+        self._pending = []  # a window an earlier fit left unfinished (an exception, a stop mid-accumulation)
         if self.trainer.world_size > 1:
             self._note_sigterm_without_collectives()
         scheduler = self.lr_schedulers()

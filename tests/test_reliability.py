@@ -499,6 +499,21 @@ def test_nan_loss_stops_the_run_without_saving_it(tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
+def test_a_nan_loss_early_in_an_accumulation_window_stops_the_run_before_its_step():
+    # the losses are checked at the optimizer step (reading one in its batch would stall a GPU): every batch of
+    # the window is, and the step that would apply the broken gradients is not taken
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(
+        overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, criterion=NaNAfter(1), warmup_steps=0
+    )
+    model.configure_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(max_steps=5, accumulate_grad_batches=3)
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 0 \(batch 1\) on 1 of 1 "):
+        trainer.fit(model, data)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+
+
 def test_gradient_accumulation_saves_and_samples_only_after_optimizer_steps(tmp_path, monkeypatch):
     # with accumulate_grad_batches, the batches of a window before its last end at the previous step's count: at
     # global_step 0 in a new run, and at the checkpoint's step in a resumed one

@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import lightning as L
 import pytest
@@ -535,3 +536,43 @@ def test_hparams_rebuild_the_module(corpus, tmp_path):
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     assert torch.equal(module.model.model.embed_tokens.weight, saved["model.model.embed_tokens.weight"])
     assert yaml.safe_load((tmp_path / "run/logs/version_0/hparams.yaml").read_text())["preset"] == "tiny"
+
+
+class ReadSpy(Qwen3LightningModule):
+    """Records every read of a tensor's value (``item``, ``tolist``, ``bool``, ``float``, ``int``) made inside
+    ``training_step``: on a GPU each one makes the CPU wait for the forward before it can queue the backward."""
+
+    reads: ClassVar[list[str]] = []
+    inside = False
+
+    def training_step(self, batch, batch_idx):
+        type(self).inside = True
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            type(self).inside = False
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_training_steps_read_no_tensor_and_tokens_seen_counts_every_batch(monkeypatch, accumulate):
+    def spy(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if ReadSpy.inside:
+                ReadSpy.reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    monkeypatch.setattr(ReadSpy, "reads", [])
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=3)  # 6 batches
+    model = ReadSpy(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    # 3 steps of 3 batches, or 6 of 1: the tokens of the window's first batches count too
+    quiet_trainer(max_epochs=1, accumulate_grad_batches=accumulate, limit_val_batches=0).fit(model, data)
+    assert ReadSpy.reads == []
+    labels = [batch["labels"] for batch in data.train_dataloader()]
+    assert len(labels) == 6 and model.global_step == 6 // accumulate
+    assert model.tokens_seen == sum(int((y != -100).sum()) for y in labels)
