@@ -114,6 +114,19 @@ def check_trainer_settings(gradient_clip_val: float | None, accumulate_grad_batc
         )
 
 
+def check_fused_clipping(fused: bool | None, precision: object, gradient_clip_val: float | None) -> None:
+    """Refuses ``fused=True`` with clipping under a GradScaler (16-mixed on a GPU), which Lightning would refuse
+    only at the first step: the fused AdamW unscales the float16 gradients inside its step, after clipping."""
+    if fused and gradient_clip_val and isinstance(precision, MixedPrecision) and precision.scaler is not None:
+        raise ValueError(
+            f"model.fused=true cannot clip gradients (trainer.gradient_clip_val={gradient_clip_val}) under "
+            "trainer.precision=16-mixed: the fused AdamW unscales the float16 gradients inside its step, after "
+            "clipping would have to see them. Leave model.fused unset (16-mixed then uses the unfused AdamW), "
+            "train in bf16-mixed where the GPU computes bf16 (A100, H100 and later), or set "
+            "trainer.gradient_clip_val 0."
+        )
+
+
 def describe_criterion(criterion: nn.Module) -> str:
     """A loss module's class and its plain settings, e.g. ``torch.nn.CrossEntropyLoss(label_smoothing=0.1, ...)``:
     what a checkpoint records of the loss it was trained with (the module itself is not saved)."""
@@ -314,6 +327,7 @@ class Qwen3LightningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer:
             check_trainer_settings(self.trainer.gradient_clip_val, self.trainer.accumulate_grad_batches)
+            check_fused_clipping(self.hparams.fused, self.trainer.precision_plugin, self.trainer.gradient_clip_val)
         datamodule = self.trainer.datamodule if self._trainer else None
         self.check_data(datamodule)
         max_length = getattr(datamodule, "max_length", None)

@@ -576,3 +576,23 @@ def test_training_steps_read_no_tensor_and_tokens_seen_counts_every_batch(monkey
     labels = [batch["labels"] for batch in data.train_dataloader()]
     assert len(labels) == 6 and model.global_step == 6 // accumulate
     assert model.tokens_seen == sum(int((y != -100).sum()) for y in labels)
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_fused_adamw_with_clipping_under_a_grad_scaler_is_refused_before_the_first_step(clip):
+    # a GradScaler runs only on a GPU under 16-mixed (on a CPU Lightning turns 16-mixed into bf16-mixed); the
+    # CPU's own GradScaler takes its place here. Lightning would refuse the clipping only inside the first step
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, fused=True)
+    trainer = quiet_trainer(
+        max_steps=2, gradient_clip_val=clip, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu")]
+    )
+    if clip is None:  # without clipping the fused AdamW unscales inside its step, as it should
+        trainer.fit(model, data)
+        assert trainer.global_step == 2 and model.optimizers().param_groups[0]["fused"]
+        return
+    with pytest.raises(ValueError, match=r"model.fused=true cannot clip gradients \(trainer.gradient_clip_val=1.0\)"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
