@@ -15,6 +15,7 @@ _EXPORTS = {
     "TextDataset": "data",
     "Qwen3LightningModule": "module",
     "TextSampler": "callbacks",
+    "Qwen3CLI": "lightning_cli",
 }
 __all__ = list(_EXPORTS)
 

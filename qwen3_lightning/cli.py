@@ -191,6 +191,16 @@ def print_what_stdout_can() -> None:
         stream.reconfigure(errors=Unprintable.name)
 
 
+def __getattr__(name: str) -> Any:
+    # Qwen3CLI lived here before generate and export shed Lightning: `from qwen3_lightning.cli import Qwen3CLI`
+    # still works, importing Lightning only then
+    if name == "Qwen3CLI":
+        from qwen3_lightning.lightning_cli import Qwen3CLI
+
+        return Qwen3CLI
+    raise AttributeError(f"module 'qwen3_lightning.cli' has no attribute {name!r}")
+
+
 def main(args: list[str] | None = None) -> None:
     """The entry point. ``generate`` and ``export`` need no Trainer: they start without importing Lightning,
     about half of their start-up time."""

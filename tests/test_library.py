@@ -54,6 +54,19 @@ class OwnHook(TextDataModule):
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
+def test_the_cli_class_imports_from_the_package_and_from_its_old_place():
+    # a project's own CLI subclasses Qwen3CLI; it moved to lightning_cli so that generate and export start
+    # without Lightning, and qwen3_lightning.cli forwards to it
+    import qwen3_lightning
+    import qwen3_lightning.cli
+    from qwen3_lightning.lightning_cli import Qwen3CLI
+
+    assert qwen3_lightning.Qwen3CLI is Qwen3CLI and qwen3_lightning.cli.Qwen3CLI is Qwen3CLI
+    assert "Qwen3CLI" in qwen3_lightning.__all__
+    with pytest.raises(AttributeError, match="no attribute 'Qwen3Cli'"):
+        qwen3_lightning.cli.Qwen3Cli  # noqa: B018
+
+
 def test_another_module_gets_text_datamodules_batches_whole():
     data, _ = data_and_module()
     recorder = KeyRecorder()
