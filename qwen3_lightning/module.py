@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -651,6 +652,11 @@ class Qwen3LightningModule(L.LightningModule):
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
         self._pending = []  # a window an earlier fit left unfinished (an exception, a stop mid-accumulation)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # 16-mixed on a GPU: the GradScaler skips the steps whose float16 gradients overflow while it finds its
+            # scale, the first ones among them, and torch then warns that the schedule stepped before the optimizer
+            # did, as if the code had them in the wrong order; here that is expected
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         if self.trainer.world_size > 1:
             self._note_sigterm_without_collectives()
         scheduler = self.lr_schedulers()

@@ -596,3 +596,18 @@ def test_fused_adamw_with_clipping_under_a_grad_scaler_is_refused_before_the_fir
     with pytest.raises(ValueError, match=r"model.fused=true cannot clip gradients \(trainer.gradient_clip_val=1.0\)"):
         trainer.fit(model, data)
     assert trainer.global_step == 0
+
+
+def test_steps_the_grad_scaler_skips_raise_no_warning_about_the_schedules_order(recwarn):
+    # 16-mixed on a GPU: while the GradScaler finds its scale it skips the steps whose gradients overflow, and
+    # torch warns at the first that the schedule stepped before the optimizer. The CPU's GradScaler, started at
+    # a scale that overflows, skips every step here
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    data = TextDataModule(texts=POEMS, val_split=0, max_length=32, batch_size=4)
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    trainer.fit(model, data)
+    assert scaler.get_scale() < 2.0**40  # lowered after each overflow: the steps were skipped
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
