@@ -480,9 +480,9 @@ class Qwen3LightningModule(L.LightningModule):
         finish the forward before it could queue the backward, once per batch."""
         # one reduction tells every rank if any loss broke or any process got SIGTERM, so that all stop together
         # (a rank stopping alone would leave the others waiting for it forever)
-        stats = torch.stack(
-            [n_tokens.float(), (~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(self._sigterm))]
-        )
+        # the flag by a fill, not torch.tensor(flag, device=...): a copy from the host would wait for the GPU too
+        sigterm = torch.full((), float(self._sigterm), device=loss.device)
+        stats = torch.stack([n_tokens.float(), (~torch.isfinite(loss.detach())).float(), sigterm])
         if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # not strategy.reduce: Lightning's puts a barrier before it, which blocks the CPU until the GPU is done
             torch.distributed.all_reduce(stats)
@@ -521,7 +521,9 @@ class Qwen3LightningModule(L.LightningModule):
                 "check the data. Resume from the last good checkpoint with --ckpt_path."
             )
         self.tokens_seen += int(tokens)
-        self.log("tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
+        # a CPU tensor: a number would be copied to the GPU, which waits for the backward to finish; float64
+        # keeps the count exact past float32's 16.7M
+        self.log("tokens_seen", torch.tensor(self.tokens_seen, dtype=torch.float64), on_step=True, reduce_fx="max")
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric, stage: str) -> None:
         loss, n_tokens = self._loss(batch)

@@ -539,7 +539,8 @@ def test_hparams_rebuild_the_module(corpus, tmp_path):
 
 
 class ReadSpy(Qwen3LightningModule):
-    """Records every read of a tensor's value (``item``, ``tolist``, ``bool``, ``float``, ``int``) made inside
+    """Records every read of a tensor's value (``item``, ``tolist``, ``bool``, ``float``, ``int``) and every
+    tensor made on a device from host data (``torch.tensor(..., device=)``, ``new_tensor``) inside
     ``training_step``: on a GPU each one makes the CPU wait for the forward before it can queue the backward."""
 
     reads: ClassVar[list[str]] = []
@@ -565,8 +566,16 @@ def test_training_steps_read_no_tensor_and_tokens_seen_counts_every_batch(monkey
 
         return read
 
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "new_tensor"):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
+    make = torch.tensor
+
+    def made(*args, **kwargs):  # on a device: on a GPU, a copy from the host that waits for the GPU as well
+        if ReadSpy.inside and "device" in kwargs:
+            ReadSpy.reads.append("torch.tensor")
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", made)
     monkeypatch.setattr(ReadSpy, "reads", [])
     data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=3)  # 6 batches
     model = ReadSpy(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
@@ -611,3 +620,15 @@ def test_steps_the_grad_scaler_skips_raise_no_warning_about_the_schedules_order(
     trainer.fit(model, data)
     assert scaler.get_scale() < 2.0**40  # lowered after each overflow: the steps were skipped
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_tokens_seen_is_logged_exactly_past_float32s_16_7m(tmp_path):
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=3)
+    data.setup("fit")
+    total = sum(int((batch["labels"] != -100).sum()) for batch in data.train_dataloader())
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    model.tokens_seen = 2**24 + (total + 1) % 2  # an odd count at the end: float32 has none above 2**24
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="logs")
+    quiet_trainer(max_epochs=1, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(model, data)
+    assert model.tokens_seen == 2**24 + (total + 1) % 2 + total and model.tokens_seen % 2 == 1
+    assert column(read_metrics(tmp_path), "tokens_seen")[-1][1] == model.tokens_seen
