@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -135,6 +135,34 @@ class ResumeCheckpoint(_EveryNSteps):
             )
 
 
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, redrawn at most every ``min_interval_s`` seconds (and at each loop's last
+    batch) rather than after every batch. A redraw reads the logged loss back from the device: on a GPU, after
+    every batch, the CPU would wait there for the GPU to finish, and the GPU then idle while the CPU queues the
+    next batch. The CLI's default bar; ``refresh_rate`` still thins the redraws further."""
+
+    def __init__(self, min_interval_s: float = 0.5, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self.min_interval_s = min_interval_s
+        self._drawn_at = -float("inf")
+        self._stopping = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # the run's last batch is drawn too (max_steps, early stopping, SIGTERM), or the bar would end behind it
+        self._stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self._stopping = False
+
+    def _should_update(self, current: int, total: int) -> bool:
+        if not super()._should_update(current, total):
+            return False
+        now = time.monotonic()
+        if current != total and not self._stopping and now - self._drawn_at < self.min_interval_s:
+            return False
+        self._drawn_at = now
+        return True
+
+
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor, counting the tokens of this project's batches: logs tokens/s and MFU from
     the module's ``flops_per_batch`` once ``window_size`` batches are in. MFU is over a peak in the run's compute
@@ -144,8 +172,21 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 10) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+        self.window_size = window_size
+        self._untimed: dict[RunningStage, tuple[int, float]] = {}  # batches counted since the last timing, FLOPs
+        self._sparing = False
+
+    def times_every_batch(self, trainer: L.Trainer) -> bool:
+        """Timing a batch on a GPU takes ``torch.cuda.synchronize()``: the CPU stops queueing work until the GPU is
+        done, and the GPU then idles while the CPU gets the next batch going. There, training batches are only
+        counted, and timed at those whose throughput is logged (every ``log_every_n_steps``), as litgpt does;
+        the window then spans about ``window_size`` batches. Elsewhere, every batch is timed."""
+        return trainer.strategy.root_device.type != "cuda"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._sparing = not self.times_every_batch(trainer)
+        every = max(1, trainer.log_every_n_steps or 1)
+        self.kwargs["window_size"] = max(2, -(-self.window_size // every) + 1) if self._sparing else self.window_size
         peak = self._peak(trainer)
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's "FLOPs not found for <GPU>", for GPUs this class knows
@@ -155,6 +196,50 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = peak
             for throughput in self._throughputs.values():
                 throughput.available_flops = peak
+
+    def _start(self, trainer: L.Trainer) -> None:
+        super()._start(trainer)
+        if self._batches[trainer.state.stage] == 0:  # a reset
+            self._untimed[trainer.state.stage] = (0, 0.0)
+
+    @torch.inference_mode()
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        self._lengths[stage] += batch_tokens(batch)
+        self._samples[stage] += batch_size(batch)
+        self._batches[stage] += 1
+        batches, flops = self._untimed.get(stage, (0, 0.0))
+        self._untimed[stage] = (batches + 1, flops + (getattr(pl_module, "flops_per_batch", None) or 0.0))
+        if not self._sparing or stage != RunningStage.TRAINING or self._logs_now(trainer):
+            self._time(trainer, stage)
+
+    @staticmethod
+    def _logs_now(trainer: L.Trainer) -> bool:
+        """Whether this training batch's throughput is logged (ThroughputMonitor's own condition)."""
+        return trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate()
+
+    def _time(self, trainer: L.Trainer, stage: RunningStage) -> None:
+        """An entry of the window: the time now, the counts so far, the FLOPs since the last entry."""
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        flops = self._untimed[stage][1]
+        self._untimed[stage] = (0, 0.0)
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=flops or None,
+        )
+
+    @rank_zero_only
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        # the training batches since the last timed one end here: timed, or the validation's time would be taken
+        # for theirs (Lightning sets the training clock forward by the validation from the last entry)
+        train = RunningStage.TRAINING
+        if not trainer.sanity_checking and self._untimed.get(train, (0, 0.0))[0] and train in self._t0s:
+            self._time(trainer, train)
+        super().on_validation_start(trainer, *args)
 
     @staticmethod
     def _peak(trainer: L.Trainer) -> float | None:

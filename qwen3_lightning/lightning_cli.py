@@ -17,13 +17,20 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from qwen3_lightning.callbacks import Checkpoint, PredictionWriter, ResumeCheckpoint, TextSampler, TokenThroughput
+from qwen3_lightning.callbacks import (
+    Checkpoint,
+    PredictionWriter,
+    ResumeCheckpoint,
+    TextSampler,
+    ThrottledProgressBar,
+    TokenThroughput,
+)
 from qwen3_lightning.cli import program_name
 from qwen3_lightning.config import MatmulPrecision, Qwen3Config
 from qwen3_lightning.data import TEXT_SUFFIXES, TextDataModule
@@ -291,6 +298,11 @@ class Qwen3CLI(LightningCLI):
         # would refuse: a ModelCheckpoint without enable_checkpointing, a LearningRateMonitor without a logger
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, (ModelCheckpoint, ResumeCheckpoint))]
+        # the default bar, redrawn twice a second, not after every batch; a bar of the user's own, or none, as asked
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, ThrottledProgressBar()]
         trainer = super()._instantiate_trainer(config, callbacks)
         if not trainer.loggers:
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]

@@ -3,6 +3,7 @@ import itertools
 import math
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -632,3 +633,82 @@ def test_tokens_seen_is_logged_exactly_past_float32s_16_7m(tmp_path):
     quiet_trainer(max_epochs=1, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(model, data)
     assert model.tokens_seen == 2**24 + (total + 1) % 2 + total and model.tokens_seen % 2 == 1
     assert column(read_metrics(tmp_path), "tokens_seen")[-1][1] == model.tokens_seen
+
+
+class SparingThroughput(TokenThroughput):
+    """What a GPU run does (a batch timed only where its throughput is logged), on the CPU; records the timings."""
+
+    def times_every_batch(self, trainer):
+        return False
+
+    def _time(self, trainer, stage):
+        self.timed.append((stage.value, trainer.global_step))
+        super()._time(trainer, stage)
+
+
+def test_on_a_gpu_throughput_times_only_the_logged_batches_and_counts_the_flops_of_all(tmp_path):
+    # timing a batch on a GPU synchronizes it; at every batch that would stall the GPU while the CPU queues the
+    # next. Fixed-length batches: the logged MFU times the peak over the logged tokens/s is the FLOPs per token
+    # only if the FLOPs of the untimed batches are counted too
+    data = TextDataModule(texts=POEMS * 8, val_split=0.25, max_length=16, batch_size=2, packing=True)
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    monitor = SparingThroughput(window_size=8)
+    monitor.timed = []
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="logs")
+    trainer = quiet_trainer(
+        max_steps=20,
+        callbacks=[monitor],
+        logger=logger,
+        log_every_n_steps=4,
+        val_check_interval=10,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, data)
+    train = [step for stage, step in monitor.timed if stage == "train"]
+    # the logged batches (every 4th) and the last before the validation at 10; not again before the one at 20,
+    # which follows a logged batch
+    assert train == [4, 8, 10, 12, 16, 20], monitor.timed
+    rows = read_metrics(tmp_path)
+    tokens_per_s, mfu = column(rows, "train/device/items_per_sec"), column(rows, "train/device/mfu")
+    assert len(tokens_per_s) >= 3 and [s for s, _ in tokens_per_s] == [s for s, _ in mfu]
+    per_token = flops_per_token(model.config, 16)
+    for (_, rate), (_, share) in zip(tokens_per_s, mfu, strict=True):
+        assert share * monitor.available_flops / rate == pytest.approx(per_token, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "bar"),
+    [
+        (["--trainer.enable_progress_bar", "true"], "ThrottledProgressBar"),
+        (["--trainer.enable_progress_bar", "false"], "NoneType"),
+        (
+            [
+                "--trainer.enable_progress_bar=true",
+                "--trainer.callbacks+=TQDMProgressBar",
+                "--trainer.callbacks.refresh_rate=5",
+            ],
+            "TQDMProgressBar",
+        ),
+    ],
+    ids=["default", "none", "the-users-own"],
+)
+def test_the_cli_draws_its_own_bar_unless_told_otherwise(corpus, tmp_path, extra, bar):
+    args = cli_args(corpus, tmp_path / "run", "--trainer.max_steps", "2", "--sampler.prompts", "[]", *extra)
+    assert type(Qwen3CLI(args=args).trainer.progress_bar_callback).__name__ == bar
+
+
+def test_the_bar_redraws_at_most_every_interval_and_at_the_end(monkeypatch):
+    # each redraw reads the loss back from the device: on a GPU, a wait for it to finish the step
+    from qwen3_lightning.callbacks import ThrottledProgressBar
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    bar = ThrottledProgressBar(min_interval_s=0.5)
+    drawn = []
+    for batch in range(1, 11):
+        if bar._should_update(batch, 10):
+            drawn.append(batch)
+        now[0] += 0.2
+    assert drawn == [1, 4, 7, 10]  # 0.6 s apart, and the last batch
+    bar._stopping = True  # the run's last batch (max_steps, a stop) before the epoch's end
+    assert bar._should_update(3, 10)
