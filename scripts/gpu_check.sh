@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, for a machine with one CUDA GPU and no internet, in two parts that each fit in one call of
-# under 10 minutes: PART=bench, the benchmark's training rows (ours eager and compiled against transformers, MFU
-# over the bf16 peak) for medium, qwen3-0.6b and large; PART=train, the default GPU training path (bf16-mixed,
-# fused AdamW, clipping) and FSDP with a resume, a generate and a fine-tuning run. PART=all (the default) runs
-# both, the benchmark first.
+# under 10 minutes: PART=bench, where a training step waits for the GPU (scripts/gpu_syncs.py), then the
+# benchmark's training rows (ours eager and compiled against transformers, MFU over the bf16 peak) for medium,
+# qwen3-0.6b and large; PART=train, the default GPU training path (bf16-mixed, fused AdamW, clipping) and FSDP
+# with a resume, a generate and a fine-tuning run. PART=all (the default) runs both, the benchmark first.
 # Each step has a time limit and the whole run a deadline, so a hang costs one step, not the run; the most
 # important steps come first. Logs and results go to $OUT (default: gpu_check_out/), at most 8 files.
 #
@@ -63,19 +63,21 @@ else
     fsdp_preset=configs/large.yaml fsdp_steps=(30 40)
 fi
 
-# 1. the benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
+# 1. where a training step waits for the GPU (the sync debug mode over 30 steps of `small`), then the
+#    benchmark's training rows: ours eager and compiled against transformers, MFU over the bf16 peak
 if [[ $PART != train ]]; then
+    step syncs 75 python3 scripts/gpu_syncs.py --json "$OUT/syncs.json"
     for preset in "${presets[@]}"; do
-        # three presets in DEADLINE: 170 s each. The best options (the MFU target's case) first, with up to 90 s
-        # for a cold compile; then transformers and ours eager, the reference rows, in what is left
-        step "bench_$preset" 170 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
-            --case-timeout 90 --compile --fused --cases ours_compiled,hf,ours --json "$OUT/bench_$preset.json"
+        # three presets in what DEADLINE leaves: 150 s each. The best options (the MFU target's case) first, with
+        # up to 80 s for a cold compile; then transformers and ours eager, the reference rows
+        step "bench_$preset" 150 python3 scripts/benchmark.py --sections train --preset "$preset" "${bench_args[@]}" \
+            --case-timeout 80 --compile --fused --cases ours_compiled,hf,ours --json "$OUT/bench_$preset.json"
     done
 fi
 finish() {
     echo "--- summary ($SECONDS s) ---"
     cat "$SUMMARY"
-    grep -h -A12 '^| case' "$LOG" | head -60
+    grep -h -A12 '^| case\|^| call site' "$LOG" | head -80
     rm -rf "$WORK"
     exit
 }

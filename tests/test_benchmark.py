@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,35 @@ def test_the_paired_matmul_precision_case_times_each_step_under_the_precision_it
     finally:
         torch.set_float32_matmul_precision(before)
     assert pairs == [[2.0, 1.0]] * 3  # [highest, medium], whichever of the two went first
+
+
+def test_the_gpu_sync_check_files_each_wait_under_its_call_site_and_step(monkeypatch, tmp_path, capsys):
+    # scripts/gpu_syncs.py needs CUDA's sync debug mode; here a stand-in mode makes every read of a loss tensor
+    # (the progress bar's redraws, the logger's rows) warn as the real mode would on a GPU
+    spec = importlib.util.spec_from_file_location("gpu_syncs", SCRIPT.parent / "gpu_syncs.py")
+    gpu_syncs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_syncs)
+    mode = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__(0, m))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    item = torch.Tensor.item
+
+    def read(self):
+        if mode[0] and self.requires_grad is False and self.ndim == 0 and self.dtype == torch.float32:
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", read)
+    argv = ["gpu_syncs.py", "--preset", "tiny", "--steps", "22", "--precision", "32-true"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(tmp_path / "syncs.json")])
+    gpu_syncs.main()
+    out = capsys.readouterr().out
+    assert "stand-in, tiny, 32-true: steps 11 to 22 watched (12)" in out
+    report = json.loads((tmp_path / "syncs.json").read_text())
+    assert report["watched"] == list(range(11, 23))
+    # every site is a real frame, filed under steps that were watched
+    assert report["sites"] and all(
+        ":" in site and set(steps) <= set(range(11, 23)) for site, steps in report["sites"].items()
+    )
+    assert any("lightning" in site for site in report["sites"])  # the bar's and the logger's reads
