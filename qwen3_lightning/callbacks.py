@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -147,9 +148,23 @@ class ThrottledProgressBar(TQDMProgressBar):
         self._drawn_at = -float("inf")
         self._stopping = False
 
+    #: logged by Qwen3LightningModule without ``prog_bar`` under this bar, which shows them: Lightning reads the
+    #: progress bar's metrics back after every batch, this bar only when it redraws
+    SHOWN = ("train_loss",)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        shown = {key: metrics.pop(key) for key in ("v_num",) if key in metrics}
+        for key in self.SHOWN:
+            value = trainer.callback_metrics.get(key)
+            if isinstance(value, torch.Tensor):
+                shown[key] = value.item()
+        return {**shown, **metrics}
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # the run's last batch is drawn too (max_steps, early stopping, SIGTERM), or the bar would end behind it
-        self._stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        last = 0 <= trainer.max_steps <= trainer.global_step
+        self._stopping = trainer.should_stop or trainer.received_sigterm or last
         super().on_train_batch_end(trainer, pl_module, *args)
         self._stopping = False
 
@@ -185,17 +200,19 @@ class TokenThroughput(ThroughputMonitor):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._sparing = not self.times_every_batch(trainer)
-        every = max(1, trainer.log_every_n_steps or 1)
-        self.kwargs["window_size"] = max(2, -(-self.window_size // every) + 1) if self._sparing else self.window_size
         peak = self._peak(trainer)
         with warnings.catch_warnings():
             if peak is not None:  # Lightning's "FLOPs not found for <GPU>", for GPUs this class knows
                 warnings.filterwarnings("ignore", message="FLOPs not found")
             super().setup(trainer, pl_module, stage)
+        if self._sparing and RunningStage.TRAINING in self._throughputs:  # entries log_every_n_steps apart
+            every = max(1, trainer.log_every_n_steps or 1)
+            window = max(2, -(-self.window_size // every) + 1)
+            self._throughputs[RunningStage.TRAINING] = Throughput(world_size=trainer.world_size, window_size=window)
         if peak is not None:
             self.available_flops = peak
-            for throughput in self._throughputs.values():
-                throughput.available_flops = peak
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.available_flops
 
     def _start(self, trainer: L.Trainer) -> None:
         super()._start(trainer)

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from qwen3_lightning.callbacks import ThrottledProgressBar
 from qwen3_lightning.config import WEIGHT_SHAPE_FIELDS, Qwen3Config
 from qwen3_lightning.data import IGNORE_INDEX, vocabulary_mismatch
 from qwen3_lightning.generation import UNKNOWN_TEXT, check_generate_kwargs, check_room
@@ -118,7 +119,8 @@ def check_trainer_settings(gradient_clip_val: float | None, accumulate_grad_batc
 def check_fused_clipping(fused: bool | None, precision: object, gradient_clip_val: float | None) -> None:
     """Refuses ``fused=True`` with clipping under a GradScaler (16-mixed on a GPU), which Lightning would refuse
     only at the first step: the fused AdamW unscales the float16 gradients inside its step, after clipping."""
-    if fused and gradient_clip_val and isinstance(precision, MixedPrecision) and precision.scaler is not None:
+    # MixedPrecision's GradScaler, or FSDP's ShardedGradScaler (FSDPPrecision is no MixedPrecision)
+    if fused and gradient_clip_val and getattr(precision, "scaler", None) is not None:
         raise ValueError(
             f"model.fused=true cannot clip gradients (trainer.gradient_clip_val={gradient_clip_val}) under "
             "trainer.precision=16-mixed: the fused AdamW unscales the float16 gradients inside its step, after "
@@ -252,6 +254,7 @@ class Qwen3LightningModule(L.LightningModule):
         self._sigterm = False
         # per batch since the last optimizer step: its counts (on the CPU once the event is reached), the loss
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor, int]] = []
+        self._loss_in_bar = True
         self._schedule: tuple[int, int, float] | None = None
         self._resumed_from: dict[str, Any] | None = None
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -494,7 +497,7 @@ class Qwen3LightningModule(L.LightningModule):
             event = torch.cuda.Event()
             event.record()
         self._pending.append((stats, event, loss.detach(), batch_idx))
-        self.log("train_loss", loss, on_step=True, prog_bar=True)
+        self.log("train_loss", loss, on_step=True, prog_bar=self._loss_in_bar)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Counts the tokens of the batches since the last optimizer step and stops the run, before the step,
@@ -511,10 +514,15 @@ class Qwen3LightningModule(L.LightningModule):
         if stopping:
             self.trainer._signal_connector.received_sigterm = True
         if broken:
-            _, _, loss, batch_idx = next((p for p in pending if not torch.isfinite(p[2])), pending[-1])
+            here = next((p for p in pending if not torch.isfinite(p[2])), None)
+            what = (
+                f"{here[2].item()} at step {self.global_step} (batch {here[3]})"
+                if here
+                else (f"not finite at step {self.global_step} on another process (finite on rank {self.global_rank})")
+            )
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}) on "
-                f"{int(broken)} of {self.trainer.world_size} process(es); stopping "
+                f"the training loss is {what}; broken on {int(broken)} of {self.trainer.world_size} process(es); "
+                "stopping "
                 "before a broken model is saved. Lower model.learning_rate (now "
                 f"{self.hparams.learning_rate}), keep gradient clipping on, use bf16-mixed rather than "
                 "16-mixed where the GPU computes bf16 natively (else 32-true), and "
@@ -654,6 +662,9 @@ class Qwen3LightningModule(L.LightningModule):
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
         self._pending = []  # a window an earlier fit left unfinished (an exception, a stop mid-accumulation)
+        # Lightning reads the progress bar's metrics back after every batch, a wait for the GPU; the CLI's bar
+        # shows the loss itself, read only when it redraws
+        self._loss_in_bar = not isinstance(self.trainer.progress_bar_callback, ThrottledProgressBar)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # 16-mixed on a GPU: the GradScaler skips the steps whose float16 gradients overflow while it finds its
             # scale, the first ones among them, and torch then warns that the schedule stepped before the optimizer
@@ -710,6 +721,9 @@ class Qwen3LightningModule(L.LightningModule):
             self._sigterm = True
 
         handlers[handlers.index(connector._sigterm_notifier_fn)] = note
+        # Lightning also broadcasts rank 0's flag before every batch, copied from the host and read back: a wait
+        # for the GPU at each batch. The training step's reduction carries the flag of every rank instead
+        self.trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def _check_first_batch_ids(self, batch: Any, batch_idx: int) -> None:
         """The token ids of each epoch's first batch against the vocabulary (``check_token_ids``): with a

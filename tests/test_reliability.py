@@ -509,7 +509,7 @@ def test_a_nan_loss_early_in_an_accumulation_window_stops_the_run_before_its_ste
     model.configure_model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = quiet_trainer(max_steps=5, accumulate_grad_batches=3)
-    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 0 \(batch 1\) on 1 of 1 "):
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 0 \(batch 1\); broken on 1 of 1 "):
         trainer.fit(model, data)
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -668,6 +669,9 @@ def test_on_a_gpu_throughput_times_only_the_logged_batches_and_counts_the_flops_
     # the logged batches (every 4th) and the last before the validation at 10; not again before the one at 20,
     # which follows a logged batch
     assert train == [4, 8, 10, 12, 16, 20], monitor.timed
+    # the training window is in logged batches (3 entries: 8 batches at one every 4), validation's unchanged
+    windows = {stage.value: t._time.maxlen for stage, t in monitor._throughputs.items()}
+    assert windows == {"train": 3, "validate": 8}
     rows = read_metrics(tmp_path)
     tokens_per_s, mfu = column(rows, "train/device/items_per_sec"), column(rows, "train/device/mfu")
     assert len(tokens_per_s) >= 3 and [s for s, _ in tokens_per_s] == [s for s, _ in mfu]
@@ -712,3 +716,43 @@ def test_the_bar_redraws_at_most_every_interval_and_at_the_end(monkeypatch):
     assert drawn == [1, 4, 7, 10]  # 0.6 s apart, and the last batch
     bar._stopping = True  # the run's last batch (max_steps, a stop) before the epoch's end
     assert bar._should_update(3, 10)
+
+
+@pytest.mark.parametrize("bar", ["ThrottledProgressBar", "TQDMProgressBar"])
+def test_under_the_clis_bar_the_loss_is_read_back_only_when_it_redraws(monkeypatch, bar):
+    # Lightning turns the progress bar's metrics into numbers after every batch (a wait for a GPU); under the
+    # CLI's bar the loss is no progress-bar metric, and the bar reads it itself when it redraws. Under another
+    # bar (Lightning's default, in a project of the user's own) it stays one, as before
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from qwen3_lightning.callbacks import ThrottledProgressBar
+
+    reads = []
+    item = torch.Tensor.item
+
+    def read(self):
+        if any(f.name == "convert_tensors_to_scalars" for f in traceback.extract_stack(limit=8)):
+            reads.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", read)
+    data = TextDataModule(texts=POEMS * 2, val_split=0, max_length=32, batch_size=3)  # 6 batches
+    model = Qwen3LightningModule(overrides={"num_decoder_layer": 1}, vocab_size=data.vocab_size, warmup_steps=0)
+    shown = ThrottledProgressBar(min_interval_s=1e9) if bar == "ThrottledProgressBar" else TQDMProgressBar()
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, enable_progress_bar=True, callbacks=[shown])
+    trainer.fit(model, data)
+    assert "train_loss" in shown.get_metrics(trainer, model)
+    if bar == "ThrottledProgressBar":
+        assert "train_loss" not in trainer.progress_bar_metrics and reads == []
+    else:
+        assert "train_loss" in trainer.progress_bar_metrics and len(reads) >= 6
+
+
+def test_fused_clipping_is_refused_under_fsdps_sharded_scaler_too():
+    # FSDPPrecision is no MixedPrecision, but under 16-mixed it has a ShardedGradScaler
+    from qwen3_lightning.module import check_fused_clipping
+
+    with pytest.raises(ValueError, match=r"model\.fused=true cannot clip gradients"):
+        check_fused_clipping(True, SimpleNamespace(scaler=object()), 1.0)
+    check_fused_clipping(True, SimpleNamespace(scaler=None), 1.0)  # bf16-mixed: no scaler, clipping is fine
+    check_fused_clipping(None, SimpleNamespace(scaler=object()), 1.0)  # fused unset: 16-mixed picks unfused
