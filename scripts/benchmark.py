@@ -652,6 +652,10 @@ def train_section(
                 print(
                     f"[train]   fastest step {1000 * best:,.1f} ms, {tokens / best:,.0f} tokens/s{mfu}", file=sys.stderr
                 )
+            # the cases so far, in --json until the full report replaces them: a run stopped by a time limit
+            # (scripts/gpu_check.sh's) keeps their step times
+            partial = {"partial": True, "flops_per_token": flops, "tokens_per_step": tokens, "peaks": peaks}
+            args.json.write_text(json.dumps({**partial, "train_runs": runs}, indent=2), encoding="utf-8")
     paired = None
     if "hf" in names and device.type == "cpu":  # a GPU is not shared: its processes' times compare as they are
         print(f"[train] ours and transformers, a step each in turn ({PAIRED}) ...", file=sys.stderr, flush=True)

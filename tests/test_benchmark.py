@@ -183,3 +183,24 @@ def test_the_gpu_sync_check_files_each_wait_under_its_call_site_and_step(monkeyp
         ":" in site and set(steps) <= set(range(11, 23)) for site, steps in report["sites"].items()
     )
     assert any("lightning" in site for site in report["sites"])  # the bar's and the logger's reads
+
+
+def test_a_benchmark_stopped_between_cases_leaves_the_finished_ones_in_its_json(monkeypatch, tmp_path):
+    # scripts/gpu_check.sh stops a preset's run at its time limit: the cases done by then are in --json
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    args = benchmark.parse_args(["--quick", "--sections", "train", "--cases", "hf", "--json", str(out)])
+    done = {"step_s": [0.5, 0.4], "peak_rss_mb": 1.0, "baseline_rss_mb": 0.5, "peak_cuda_mb": None}
+
+    def spawn(name, argv, timeout):
+        if name == "ours":  # the second case: the time limit strikes
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(benchmark, "spawn_case", spawn)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.train_section(args, [], torch.device("cpu"), {"32-true": 1e11})
+    report = json.loads(out.read_text())
+    assert report["partial"] is True and report["train_runs"] == {"hf": [done], "ours": []}
