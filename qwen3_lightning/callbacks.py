@@ -208,7 +208,8 @@ class TokenThroughput(ThroughputMonitor):
         if self._sparing and RunningStage.TRAINING in self._throughputs:  # entries log_every_n_steps apart
             every = max(1, trainer.log_every_n_steps or 1)
             window = max(2, -(-self.window_size // every) + 1)
-            self._throughputs[RunningStage.TRAINING] = Throughput(world_size=trainer.world_size, window_size=window)
+            kwargs = {**self.kwargs, "window_size": window}
+            self._throughputs[RunningStage.TRAINING] = Throughput(world_size=trainer.world_size, **kwargs)
         if peak is not None:
             self.available_flops = peak
         for throughput in self._throughputs.values():

@@ -330,6 +330,10 @@ class Qwen3LightningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._trainer:
+            # Lightning reads the progress bar's metrics back after every batch, a wait for the GPU; the CLI's bar
+            # shows the loss itself, read only when it redraws. Decided here, before Lightning's lr finder takes
+            # the callbacks away for its own run: the loss must be logged alike in that run and the fit after it
+            self._loss_in_bar = not isinstance(self.trainer.progress_bar_callback, ThrottledProgressBar)
             check_trainer_settings(self.trainer.gradient_clip_val, self.trainer.accumulate_grad_batches)
             check_fused_clipping(self.hparams.fused, self.trainer.precision_plugin, self.trainer.gradient_clip_val)
         datamodule = self.trainer.datamodule if self._trainer else None
@@ -662,9 +666,6 @@ class Qwen3LightningModule(L.LightningModule):
         the training data loader before it restores a checkpoint's loop state (Lightning issue 20550), and the
         first epoch of a resumed run would then be drawn in the order of epoch 0."""
         self._pending = []  # a window an earlier fit left unfinished (an exception, a stop mid-accumulation)
-        # Lightning reads the progress bar's metrics back after every batch, a wait for the GPU; the CLI's bar
-        # shows the loss itself, read only when it redraws
-        self._loss_in_bar = not isinstance(self.trainer.progress_bar_callback, ThrottledProgressBar)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # 16-mixed on a GPU: the GradScaler skips the steps whose float16 gradients overflow while it finds its
             # scale, the first ones among them, and torch then warns that the schedule stepped before the optimizer
@@ -721,6 +722,9 @@ class Qwen3LightningModule(L.LightningModule):
             self._sigterm = True
 
         handlers[handlers.index(connector._sigterm_notifier_fn)] = note
+        # a SIGTERM that Lightning's handler took before the swap (in the sanity check) goes the same way
+        self._sigterm |= connector.received_sigterm
+        connector.received_sigterm = False
         # Lightning also broadcasts rank 0's flag before every batch, copied from the host and read back: a wait
         # for the GPU at each batch. The training step's reduction carries the flag of every rank instead
         self.trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None

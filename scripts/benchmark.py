@@ -655,7 +655,9 @@ def train_section(
             # the cases so far, in --json until the full report replaces them: a run stopped by a time limit
             # (scripts/gpu_check.sh's) keeps their step times
             partial = {"partial": True, "flops_per_token": flops, "tokens_per_step": tokens, "peaks": peaks}
-            args.json.write_text(json.dumps({**partial, "train_runs": runs}, indent=2), encoding="utf-8")
+            part = args.json.with_name(args.json.name + ".part")  # whole or not at all: an earlier file stays intact
+            part.write_text(json.dumps({**partial, "train_runs": runs}, indent=2), encoding="utf-8")
+            os.replace(part, args.json)
     paired = None
     if "hf" in names and device.type == "cpu":  # a GPU is not shared: its processes' times compare as they are
         print(f"[train] ours and transformers, a step each in turn ({PAIRED}) ...", file=sys.stderr, flush=True)

@@ -1032,6 +1032,20 @@ def test_lightnings_learning_rate_finder_sweeps_from_its_own_minimum(tmp_path):
     assert rates[0] == pytest.approx(1e-6) and rates[1] < 1e-4 and rates == sorted(rates) and len(rates) >= 5
 
 
+def test_a_fit_after_the_learning_rate_finder_under_the_clis_bar(tmp_path):
+    # the finder runs with its own callback alone (no bar); the loss is logged alike in its run and the fit after
+    from qwen3_lightning.callbacks import ThrottledProgressBar
+
+    data = TextDataModule(texts=POEMS * 4, val_split=0, max_length=32, batch_size=2)
+    model = Qwen3LightningModule(vocab_size=data.vocab_size, overrides={"num_decoder_layer": 1, "hidden_size": 32})
+    trainer = L.Trainer(
+        max_steps=3, logger=False, callbacks=[ThrottledProgressBar()], default_root_dir=tmp_path, limit_val_batches=0
+    )
+    L.pytorch.tuner.Tuner(trainer).lr_find(model, datamodule=data, num_training=5, update_attr=False)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 3
+
+
 def test_a_negative_clipping_value_is_refused_from_python_too(tmp_path):
     # bf16-mixed clips in the module itself (Lightning refuses to for a fused optimizer): clip_grad_norm_ with a
     # negative norm turns every gradient around, and the loss would rise
