@@ -191,11 +191,15 @@ class TokenThroughput(ThroughputMonitor):
         self._untimed: dict[RunningStage, tuple[int, float]] = {}  # batches counted since the last timing, FLOPs
         self._sparing = False
 
+    #: the stages timed sparingly on a GPU (``times_every_batch``); test and predict time every batch
+    SPARED = (RunningStage.TRAINING, RunningStage.VALIDATING)
+
     def times_every_batch(self, trainer: L.Trainer) -> bool:
         """Timing a batch on a GPU takes ``torch.cuda.synchronize()``: the CPU stops queueing work until the GPU is
         done, and the GPU then idles while the CPU gets the next batch going. There, training batches are only
         counted, and timed at those whose throughput is logged (every ``log_every_n_steps``), as litgpt does;
-        the window then spans about ``window_size`` batches. Elsewhere, every batch is timed."""
+        the window then spans about ``window_size`` batches. Validation batches likewise, and the validation's
+        end. Elsewhere, every batch is timed."""
         return trainer.strategy.root_device.type != "cuda"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -205,11 +209,11 @@ class TokenThroughput(ThroughputMonitor):
             if peak is not None:  # Lightning's "FLOPs not found for <GPU>", for GPUs this class knows
                 warnings.filterwarnings("ignore", message="FLOPs not found")
             super().setup(trainer, pl_module, stage)
-        if self._sparing and RunningStage.TRAINING in self._throughputs:  # entries log_every_n_steps apart
-            every = max(1, trainer.log_every_n_steps or 1)
-            window = max(2, -(-self.window_size // every) + 1)
-            kwargs = {**self.kwargs, "window_size": window}
-            self._throughputs[RunningStage.TRAINING] = Throughput(world_size=trainer.world_size, **kwargs)
+        for spared in self.SPARED if self._sparing else ():
+            if spared in self._throughputs:  # entries log_every_n_steps apart
+                every = max(1, trainer.log_every_n_steps or 1)
+                kwargs = {**self.kwargs, "window_size": max(2, -(-self.window_size // every) + 1)}
+                self._throughputs[spared] = Throughput(world_size=trainer.world_size, **kwargs)
         if peak is not None:
             self.available_flops = peak
         for throughput in self._throughputs.values():
@@ -228,13 +232,14 @@ class TokenThroughput(ThroughputMonitor):
         self._batches[stage] += 1
         batches, flops = self._untimed.get(stage, (0, 0.0))
         self._untimed[stage] = (batches + 1, flops + (getattr(pl_module, "flops_per_batch", None) or 0.0))
-        if not self._sparing or stage != RunningStage.TRAINING or self._logs_now(trainer):
+        if not self._sparing or stage not in self.SPARED or self._logs_now(trainer, stage):
             self._time(trainer, stage)
 
     @staticmethod
-    def _logs_now(trainer: L.Trainer) -> bool:
-        """Whether this training batch's throughput is logged (ThroughputMonitor's own condition)."""
-        return trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate()
+    def _logs_now(trainer: L.Trainer, stage: RunningStage) -> bool:
+        """Whether this batch's throughput is logged (ThroughputMonitor's own condition)."""
+        training = stage == RunningStage.TRAINING
+        return trainer._logger_connector.should_update_logs and not (training and trainer.fit_loop._should_accumulate())
 
     def _time(self, trainer: L.Trainer, stage: RunningStage) -> None:
         """An entry of the window: the time now, the counts so far, the FLOPs since the last entry."""
@@ -258,6 +263,14 @@ class TokenThroughput(ThroughputMonitor):
         if not trainer.sanity_checking and self._untimed.get(train, (0, 0.0))[0] and train in self._t0s:
             self._time(trainer, train)
         super().on_validation_start(trainer, *args)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # the end of the validation, timed: Lightning sets the training clock forward by its last entry
+        stage = RunningStage.VALIDATING
+        if not trainer.sanity_checking and self._untimed.get(stage, (0, 0.0))[0] and stage in self._t0s:
+            self._time(trainer, stage)
+        super().on_validation_end(trainer, *args)
 
     @staticmethod
     def _peak(trainer: L.Trainer) -> float | None:

@@ -669,9 +669,12 @@ def test_on_a_gpu_throughput_times_only_the_logged_batches_and_counts_the_flops_
     # the logged batches (every 4th) and the last before the validation at 10; not again before the one at 20,
     # which follows a logged batch
     assert train == [4, 8, 10, 12, 16, 20], monitor.timed
-    # the training window is in logged batches (3 entries: 8 batches at one every 4), validation's unchanged
+    # validation likewise: of its 7 batches, the 4th (logged) and the end, not each batch
+    validations = [step for stage, step in monitor.timed if stage == "validate"]
+    assert validations == [10, 10, 20, 20]
+    # the windows are in timed batches (3 entries: 8 batches at one every 4)
     windows = {stage.value: t._time.maxlen for stage, t in monitor._throughputs.items()}
-    assert windows == {"train": 3, "validate": 8}
+    assert windows == {"train": 3, "validate": 3}
     rows = read_metrics(tmp_path)
     tokens_per_s, mfu = column(rows, "train/device/items_per_sec"), column(rows, "train/device/mfu")
     assert len(tokens_per_s) >= 3 and [s for s, _ in tokens_per_s] == [s for s, _ in mfu]
