@@ -255,21 +255,21 @@ class TokenThroughput(ThroughputMonitor):
             flops=flops or None,
         )
 
+    def _time_the_rest(self, trainer: L.Trainer, stage: RunningStage) -> None:
+        """Times the batches of ``stage`` counted since its last entry, if any (never in the sanity check)."""
+        if not trainer.sanity_checking and self._untimed.get(stage, (0, 0.0))[0] and stage in self._t0s:
+            self._time(trainer, stage)
+
+    # Lightning sets the training clock forward by the validation, from the last entries of both: the training
+    # batches before a validation, and the validation itself, end timed
     @rank_zero_only
     def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
-        # the training batches since the last timed one end here: timed, or the validation's time would be taken
-        # for theirs (Lightning sets the training clock forward by the validation from the last entry)
-        train = RunningStage.TRAINING
-        if not trainer.sanity_checking and self._untimed.get(train, (0, 0.0))[0] and train in self._t0s:
-            self._time(trainer, train)
+        self._time_the_rest(trainer, RunningStage.TRAINING)
         super().on_validation_start(trainer, *args)
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
-        # the end of the validation, timed: Lightning sets the training clock forward by its last entry
-        stage = RunningStage.VALIDATING
-        if not trainer.sanity_checking and self._untimed.get(stage, (0, 0.0))[0] and stage in self._t0s:
-            self._time(trainer, stage)
+        self._time_the_rest(trainer, RunningStage.VALIDATING)
         super().on_validation_end(trainer, *args)
 
     @staticmethod
